@@ -1,0 +1,234 @@
+"""The strategy contract: typed parameter schemas, per-tensor tasks, and specs.
+
+A strategy is a pure function of one :class:`TensorTask` (one tensor name: the base tensor, the
+contributions' tensors in canonical order, their parameters resolved for this tensor, a
+counter-based generator keyed for this tensor) returning the merged tensor in the compute dtype.
+It never reads files, never touches torch's global RNG and never mutates its inputs.
+
+Whole-model ("global") variants add a pre-pass: ``observe(task)`` returns a small per-tensor
+summary (e.g. a histogram), the engine hands all summaries, in sorted name order, to
+``reduce(summaries, params)``, and the result is given to every ``merge`` call as
+``task.stats``. Memory stays O(contributions x largest tensor).
+
+Determinism rules every strategy keeps (checked by the conformance tests):
+- accumulate in the compute dtype (float32, or float64 when an input is float64), summing
+  contributions in the given (canonical) order with plain ``+``, ``*``, ``/``;
+- no fused kernels whose rounding depends on the CPU's instruction set (``lerp``,
+  ``add(alpha=)``, ``addcmul``, ``addcdiv``) and no ``dot``/``matmul`` reductions in ``exact``
+  strategies (their result depends on the thread count); ``sum``, ``norm``, ``kthvalue``,
+  ``sort``, ``topk`` values, ``sqrt``, comparisons are fine;
+- strategies that need LAPACK/BLAS (SVD, solves, matmul) declare ``determinism="platform"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..errors import InvalidRecipe
+from ..rng import CounterRNG
+
+__all__ = [
+    "REQUIRED",
+    "Determinism",
+    "ParamSpec",
+    "StrategySpec",
+    "TensorTask",
+]
+
+Determinism = Literal["exact", "platform"]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a strategy.
+
+    Attributes:
+        name: the parameter name (mergekit's where mergekit has the method).
+        kind: ``float``, ``int``, ``bool`` or ``str``.
+        default: the default value, or ``REQUIRED``.
+        scope: ``"global"`` (one value for the merge) or ``"model"`` (one value per
+            contribution, taken from the contribution's metadata, else from the recipe as a
+            default for every contribution).
+        doc: one line for ``crdtmerge strategies``.
+        minimum, maximum: inclusive bounds for numbers (None = unbounded).
+        choices: allowed values for strings.
+        varying: the value may vary by tensor (mergekit gradients and ``[{filter, value}]``).
+    """
+
+    name: str
+    kind: type
+    default: Any
+    scope: Literal["global", "model"] = "global"
+    doc: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    varying: bool = True
+
+    def check(self, value: Any, where: str = "") -> Any:
+        """Validate and coerce one *scalar* value; raise InvalidRecipe naming the problem."""
+        label = f"parameter {self.name!r}{where}"
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise InvalidRecipe(f"{label} must be true or false, got {value!r}")
+            return value
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidRecipe(f"{label} must be a number, got {value!r}")
+            if self.kind is int:
+                if float(value) != int(value):
+                    raise InvalidRecipe(f"{label} must be an integer, got {value!r}")
+                value = int(value)
+            else:
+                value = float(value)
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise InvalidRecipe(f"{label} must be finite, got {value!r}")
+            if self.minimum is not None and value < self.minimum:
+                raise InvalidRecipe(f"{label} must be >= {self.minimum}, got {value!r}")
+            if self.maximum is not None and value > self.maximum:
+                raise InvalidRecipe(f"{label} must be <= {self.maximum}, got {value!r}")
+            return value
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise InvalidRecipe(f"{label} must be a string, got {value!r}")
+            if self.choices is not None and value not in self.choices:
+                raise InvalidRecipe(f"{label} must be one of {list(self.choices)}, got {value!r}")
+            return value
+        raise InvalidRecipe(f"{label}: unsupported kind {self.kind!r}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.kind.__name__,
+            "default": None if self.default is REQUIRED else self.default,
+            "required": self.default is REQUIRED,
+            "scope": self.scope,
+            "doc": self.doc,
+            "minimum": self.minimum,
+            "maximum": self.maximum,
+            "choices": list(self.choices) if self.choices else None,
+        }
+
+
+@dataclass
+class TensorTask:
+    """Everything a strategy sees for one tensor name.
+
+    Attributes:
+        name: the tensor name.
+        base: the base tensor in the compute dtype, or None when the recipe has no base.
+        inputs: the contributions' tensors, in canonical order (sorted by root), compute dtype.
+        params: global parameters resolved for this tensor (scalars).
+        model_params: per contribution, its model-scope parameters resolved for this tensor
+            (always contains ``"weight"``).
+        rng: the counter-based generator keyed for this tensor.
+        streams: per contribution, the stream id for ``rng`` (its root, 32 bytes).
+        side: per contribution, its side tensors for this tensor name (e.g. ``{"fisher": t}``);
+            an empty mapping where the contribution ships none.
+        stats: the value ``reduce`` returned in the pre-pass (global strategies), else None.
+        layer: the layer index parsed from the name (None for non-layer tensors).
+        num_layers: the number of layers of the model (0 when unknown).
+    """
+
+    name: str
+    base: torch.Tensor | None
+    inputs: Sequence[torch.Tensor]
+    params: Mapping[str, Any]
+    model_params: Sequence[Mapping[str, Any]]
+    rng: CounterRNG
+    streams: Sequence[bytes]
+    side: Sequence[Mapping[str, torch.Tensor]] = ()
+    stats: Any = None
+    layer: int | None = None
+    num_layers: int = 0
+
+    @property
+    def weights(self) -> list[float]:
+        return [float(mp["weight"]) for mp in self.model_params]
+
+    def deltas(self) -> list[torch.Tensor]:
+        """Task vectors ``x_i - base`` (requires a base)."""
+        if self.base is None:
+            raise InvalidRecipe(f"tensor {self.name!r}: this strategy needs a base model")
+        return [x - self.base for x in self.inputs]
+
+
+MergeFn = Callable[[TensorTask], torch.Tensor]
+ObserveFn = Callable[[TensorTask], Any]
+ReduceFn = Callable[[list[Any], Mapping[str, Any]], Any]
+
+WEIGHT = ParamSpec("weight", float, 1.0, scope="model", doc="relative weight of the contribution")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A registered strategy: name, version, parameter schema and the pure functions.
+
+    Attributes:
+        name, version: the identity recorded in recipes; a replica that lacks the exact
+            (name, version) answers ``unsupported``.
+        summary: one line; the module docstring holds the full semantics.
+        params: the parameter schema (``weight`` is always accepted per model).
+        needs_base: whether the recipe must name a base object.
+        min_models, max_models: how many contributions the strategy accepts.
+        determinism: ``"exact"`` or ``"platform"`` (see module docstring).
+        side_inputs: side-tensor kinds a contribution may ship (``"fisher"``, ``"gram"``).
+        merge: the per-tensor function.
+        observe, reduce: the optional whole-model pre-pass.
+        matrix_only: documentation flag: 2-D tensors get the special treatment, others fall
+            back to the documented simple rule.
+    """
+
+    name: str
+    version: int
+    summary: str
+    merge: MergeFn
+    params: tuple[ParamSpec, ...] = ()
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    determinism: Determinism = "exact"
+    side_inputs: tuple[str, ...] = ()
+    observe: ObserveFn | None = None
+    reduce: ReduceFn | None = None
+    references: tuple[str, ...] = field(default=())
+
+    @property
+    def all_params(self) -> tuple[ParamSpec, ...]:
+        names = {p.name for p in self.params}
+        return self.params if "weight" in names else (WEIGHT, *self.params)
+
+    def param(self, name: str) -> ParamSpec:
+        for p in self.all_params:
+            if p.name == name:
+                return p
+        known = ", ".join(sorted(p.name for p in self.all_params))
+        raise InvalidRecipe(
+            f"strategy {self.name!r} v{self.version} has no parameter {name!r}; known: {known}"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "summary": self.summary,
+            "needs_base": self.needs_base,
+            "min_models": self.min_models,
+            "max_models": self.max_models,
+            "determinism": self.determinism,
+            "global_pass": self.observe is not None,
+            "side_inputs": list(self.side_inputs),
+            "params": [p.describe() for p in self.all_params],
+        }
