@@ -1,0 +1,259 @@
+"""Cluster authentication for replication traffic: HMAC-signed requests and responses.
+
+Every node of a cluster shares one secret (``--cluster-secret`` or ``CRDTMERGE_CLUSTER_SECRET``).
+A request between nodes carries four headers::
+
+    x-crdtmerge-node        the sender's node id (informational, bound by the MAC)
+    x-crdtmerge-timestamp   unix seconds (integer) when the request was signed
+    x-crdtmerge-nonce       32 hex chars, fresh per request
+    x-crdtmerge-signature   "v1=" + hex HMAC-SHA256(key, canonical request)
+
+The canonical request is ``"crdtmerge-repl/v1"``, method, path with query, the BLAKE3 hex of
+the body, timestamp, nonce and node id, one per line. The key is derived from the secret with a
+domain-separated BLAKE3, so the raw secret never keys anything directly.
+
+The receiver (:class:`RequestVerifier`) recomputes the MAC (constant-time compare), accepts a
+timestamp within a generous window (default 300 s: clocks of replicas may be skewed, and nothing
+in the design depends on wall time) and remembers every nonce it accepted until that nonce's
+timestamp leaves the window, so a captured request replayed verbatim is refused. Even if a replay
+got through it would be harmless: replication messages are CRDT states (joins are idempotent) or
+reads of content-addressed bytes.
+
+Responses are signed too (``x-crdtmerge-signature`` over the request's nonce, the status code
+and the body hash), so a node only joins state that came from a cluster member, not from
+something on the network path. Only successful (2xx) responses must be signed: an error answer
+carries no state, and forging one denies service, which a network attacker can do anyway. :class:`ClusterAuth` is an ``httpx.Auth`` that signs every
+outgoing request and checks every response; a missing or wrong response MAC raises
+:class:`~crdtmerge.errors.Unauthorized`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Generator, Mapping
+
+import blake3
+import httpx
+
+from crdtmerge.canonical import domain_hash
+from crdtmerge.errors import InvalidInput, Unauthorized
+
+__all__ = [
+    "HEADER_NODE",
+    "HEADER_NONCE",
+    "HEADER_SIGNATURE",
+    "HEADER_TIMESTAMP",
+    "ClusterAuth",
+    "ClusterKey",
+    "RequestVerifier",
+    "load_cluster_secret",
+]
+
+logger = logging.getLogger(__name__)
+
+HEADER_NODE = "x-crdtmerge-node"
+HEADER_TIMESTAMP = "x-crdtmerge-timestamp"
+HEADER_NONCE = "x-crdtmerge-nonce"
+HEADER_SIGNATURE = "x-crdtmerge-signature"
+
+_SCHEME = "v1="
+_REQUEST_TAG = b"crdtmerge-repl/v1"
+_RESPONSE_TAG = b"crdtmerge-repl-response/v1"
+#: a secret shorter than this is refused at startup
+MIN_SECRET_BYTES = 16
+
+
+def load_cluster_secret(value: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The cluster secret from the command line, else ``CRDTMERGE_CLUSTER_SECRET``, else None.
+
+    Raises:
+        InvalidInput: if a secret is given but shorter than 16 bytes.
+    """
+    env = os.environ if env is None else env
+    secret = value if value else env.get("CRDTMERGE_CLUSTER_SECRET") or None
+    if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES:
+        raise InvalidInput(
+            f"cluster secret is {len(secret.encode())} bytes; expected at least "
+            f"{MIN_SECRET_BYTES} (generate one with `python -c 'import secrets; "
+            f"print(secrets.token_urlsafe(32))'`)"
+        )
+    return secret
+
+
+class ClusterKey:
+    """The MAC key derived from a cluster secret, and the two MAC computations."""
+
+    def __init__(self, secret: str | bytes) -> None:
+        raw = secret.encode() if isinstance(secret, str) else bytes(secret)
+        if len(raw) < MIN_SECRET_BYTES:
+            raise InvalidInput(
+                f"cluster secret is {len(raw)} bytes; expected at least {MIN_SECRET_BYTES}"
+            )
+        self._key = domain_hash("crdtmerge/v1/cluster-key", raw)
+
+    def request_mac(
+        self, method: str, target: str, body: bytes, timestamp: str, nonce: str, node: str
+    ) -> str:
+        msg = b"\n".join(
+            [
+                _REQUEST_TAG,
+                method.upper().encode(),
+                target.encode(),
+                blake3.blake3(body).hexdigest().encode(),
+                timestamp.encode(),
+                nonce.encode(),
+                node.encode(),
+            ]
+        )
+        return _SCHEME + hmac.new(self._key, msg, hashlib.sha256).hexdigest()
+
+    def response_mac(self, nonce: str, status: int, body: bytes) -> str:
+        msg = b"\n".join(
+            [
+                _RESPONSE_TAG,
+                nonce.encode(),
+                str(int(status)).encode(),
+                blake3.blake3(body).hexdigest().encode(),
+            ]
+        )
+        return _SCHEME + hmac.new(self._key, msg, hashlib.sha256).hexdigest()
+
+    def sign_request(
+        self,
+        method: str,
+        target: str,
+        body: bytes,
+        node: str,
+        *,
+        now: float | None = None,
+        nonce: str | None = None,
+    ) -> dict[str, str]:
+        """The four authentication headers for one request."""
+        timestamp = str(int(time.time() if now is None else now))
+        nonce = secrets.token_hex(16) if nonce is None else nonce
+        return {
+            HEADER_NODE: node,
+            HEADER_TIMESTAMP: timestamp,
+            HEADER_NONCE: nonce,
+            HEADER_SIGNATURE: self.request_mac(method, target, body, timestamp, nonce, node),
+        }
+
+
+class RequestVerifier:
+    """Checks signed requests: MAC, timestamp window, and a nonce cache against replays.
+
+    Args:
+        key: the cluster key.
+        window_s: accepted distance between the request's timestamp and the local clock.
+        max_nonces: bound on the replay cache; when full, the oldest entries are evicted and
+            requests older than the oldest remembered one are refused (fail closed).
+    """
+
+    def __init__(self, key: ClusterKey, *, window_s: float = 300.0, max_nonces: int = 200_000):
+        self.key = key
+        self.window_s = window_s
+        self.max_nonces = max_nonces
+        self._seen: OrderedDict[str, float] = OrderedDict()  # nonce -> timestamp, by arrival
+        self._floor = float("-inf")  # requests older than this are refused (evicted nonces)
+
+    def verify(
+        self,
+        method: str,
+        target: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        now: float | None = None,
+    ) -> tuple[str, str]:
+        """Return ``(node id, nonce)`` of a valid request.
+
+        Raises:
+            Unauthorized: missing headers, bad MAC, stale timestamp, or a replayed nonce.
+        """
+        now = time.time() if now is None else now
+        node = headers.get(HEADER_NODE)
+        ts = headers.get(HEADER_TIMESTAMP)
+        nonce = headers.get(HEADER_NONCE)
+        sig = headers.get(HEADER_SIGNATURE)
+        if not (node is not None and ts and nonce and sig):
+            raise Unauthorized(
+                "replication request is not signed: expected x-crdtmerge-{node,timestamp,"
+                "nonce,signature} headers made with the cluster secret"
+            )
+        if len(nonce) != 32 or len(node) > 256:
+            raise Unauthorized("replication request has a malformed nonce or node id")
+        expected = self.key.request_mac(method, target, body, ts, nonce, node)
+        if not hmac.compare_digest(expected.encode(), sig.encode()):
+            raise Unauthorized(
+                "replication request signature does not match: is this node configured with "
+                "the same cluster secret?"
+            )
+        try:
+            ts_value = float(int(ts))
+        except ValueError as exc:
+            raise Unauthorized(f"replication request timestamp {ts!r} is not an integer") from exc
+        if abs(now - ts_value) > self.window_s:
+            raise Unauthorized(
+                f"replication request timestamp is {now - ts_value:+.0f} s off the local clock "
+                f"(accepted: ±{self.window_s:.0f} s); check the clocks"
+            )
+        self._prune(now)
+        if nonce in self._seen or ts_value < self._floor:  # evicted nonces: fail closed
+            raise Unauthorized("replication request replayed (nonce already used)")
+        self._seen[nonce] = ts_value
+        return node, nonce
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.window_s
+        # arrival order approximates timestamp order; stale entries are dropped lazily
+        while self._seen:
+            oldest_nonce, oldest_ts = next(iter(self._seen.items()))
+            if oldest_ts < horizon:
+                self._seen.popitem(last=False)
+            elif len(self._seen) >= self.max_nonces:
+                self._seen.popitem(last=False)
+                self._floor = max(self._floor, oldest_ts + 1)
+            else:
+                break
+        if self._floor < horizon:
+            self._floor = float("-inf")
+
+
+class ClusterAuth(httpx.Auth):
+    """``httpx.Auth`` signing every request and checking the response MAC.
+
+    Example:
+        >>> auth = ClusterAuth(ClusterKey("0123456789abcdef"), node="n1")
+        >>> client = httpx.AsyncClient(auth=auth)  # doctest: +SKIP
+    """
+
+    requires_request_body = True
+    requires_response_body = True
+
+    def __init__(self, key: ClusterKey, node: str, *, verify_responses: bool = True) -> None:
+        self.key = key
+        self.node = node
+        self.verify_responses = verify_responses
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        target = request.url.raw_path.decode("ascii")
+        headers = self.key.sign_request(request.method, target, request.content, self.node)
+        request.headers.update(headers)
+        response = yield request
+        if not self.verify_responses or not 200 <= response.status_code < 300:
+            return  # an error answer carries no state; forging one only denies service
+        got = response.headers.get(HEADER_SIGNATURE, "")
+        expected = self.key.response_mac(
+            headers[HEADER_NONCE], response.status_code, response.content
+        )
+        if not hmac.compare_digest(expected.encode(), got.encode()):
+            raise Unauthorized(
+                f"response from {request.url.host}:{request.url.port} is not signed with the "
+                f"cluster secret (status {response.status_code}); refusing it"
+            )
