@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .canonical import canonical_pack, domain_hash
-from .errors import InvalidRecipe
+from .errors import InvalidInput, InvalidRecipe
 
 __all__ = ["OUTPUT_DTYPES", "Recipe"]
 
@@ -90,8 +90,10 @@ class Recipe:
             )
         if not isinstance(self.params, Mapping):
             raise InvalidRecipe("recipe params must be a mapping of name to value")
-        # canonical check: raises on NaN/Inf and unsupported types
-        canonical_pack(dict(self.params))
+        try:  # canonical check: NaN/Inf and unsupported types have no canonical form
+            canonical_pack(dict(self.params))
+        except InvalidInput as exc:
+            raise InvalidRecipe(f"recipe params: {exc.detail}") from exc
         object.__setattr__(self, "params", _FrozenParams(_freeze(self.params)))
 
     # -- encoding ---------------------------------------------------------------------------
