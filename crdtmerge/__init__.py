@@ -5,7 +5,6 @@ last-writer-wins recipe); layer 2 is a pure, deterministic, streaming merge of t
 This module only re-exports the public API.
 """
 
-
 from .errors import (
     CrdtMergeError,
     Forbidden,
