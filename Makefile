@@ -32,7 +32,7 @@ test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: venv
-	$(PY) -m crdtmerge.demo
+	$(PY) -m node.demo
 
 bench: venv
 	$(PY) bench/hash_bench.py
