@@ -1,7 +1,110 @@
-"""Strategy family `model_stock` (placeholder: being implemented)."""
+"""Model Stock (Jang et al., 2024, arXiv:2403.19522), mergekit ``model_stock`` semantics.
+
+Per tensor, with base ``b`` and ``N >= 2`` contributions ``x_i``: offsets ``d_i = x_i - b``;
+the cosine of every pair ``(i, j), i < j`` is ``sum(d_i d_j) / max(|d_i| |d_j|, 1e-6)`` clamped
+to [-1, 1]; they are aggregated into one ``cos``; then
+
+    t = N cos / (1 + (N - 1) cos),    out = t * mean(x_i) + (1 - t) * b.
+
+``aggregation`` chooses how the pairwise values are combined, a question the paper leaves open
+for ``N > 2`` (mergekit issue #453):
+
+- ``"cosine"`` (default, mergekit): the mean of the pairwise cosines;
+- ``"angle"`` (FusionBench and the paper's authors): the mean of the pairwise angles, then its
+  cosine. For ``N = 2`` both agree up to rounding.
+
+``filter_wise`` (mergekit, default false): one ``t`` per row (per vector along the last
+dimension; a 1-D tensor is one row) instead of one per tensor.
+
+Deviations and edge cases: where ``|1 + (N - 1) cos| < 1e-6`` (``t`` undefined) the base is
+returned for that tensor/row, as mergekit 0.1.5 does; ``t`` may be negative or exceed 1 when the
+offsets point apart (as in mergekit). Per-model ``weight`` is ignored (the method has none);
+``mean(x_i)`` is the plain mean summed in canonical order.
+
+Determinism: ``exact``: float64 sums for the dot products and norms, angles from
+:mod:`._detmath`, plain ``*``/``+`` for the output in the compute dtype.
+"""
 
 from __future__ import annotations
 
-from .base import StrategySpec
+import torch
 
-SPECS: tuple[StrategySpec, ...] = ()
+from ..errors import InvalidRecipe
+from . import _detmath as dm
+from .base import ParamSpec, StrategySpec, TensorTask
+
+__all__ = ["SPECS"]
+
+_NORM_FLOOR = 1e-6
+_DENOM_EPS = 1e-6
+
+
+def stock_t(cos: torch.Tensor, n: int) -> torch.Tensor:
+    """``N cos / (1 + (N-1) cos)`` in float64; 0 (keep the base) where the denominator is ~0."""
+    denom = 1.0 + (n - 1) * cos
+    bad = torch.abs(denom) < _DENOM_EPS
+    safe = torch.where(bad, torch.ones_like(denom), denom)
+    return torch.where(bad, torch.zeros_like(denom), n * cos / safe)
+
+
+def _merge(task: TensorTask) -> torch.Tensor:
+    base = task.base
+    if base is None:
+        raise InvalidRecipe("model_stock needs a base model")
+    xs = list(task.inputs)
+    n = len(xs)
+    filter_wise = bool(task.params["filter_wise"])
+    aggregation = str(task.params["aggregation"])
+    shape = base.shape
+    if base.numel() == 0:
+        return base.clone()
+    if filter_wise:
+        b2 = base.reshape(-1, shape[-1] if base.dim() >= 1 else 1)
+        x2 = [x.reshape(b2.shape) for x in xs]
+    else:
+        b2 = base.reshape(1, -1)
+        x2 = [x.reshape(1, -1) for x in xs]
+    offsets = [x - b2 for x in x2]
+    norms = [torch.sqrt(dm.rowdot64(d, d)) for d in offsets]
+    total = torch.zeros(b2.shape[0], dtype=torch.float64)
+    pairs = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            cos = dm.rowdot64(offsets[i], offsets[j]) / (norms[i] * norms[j]).clamp(min=_NORM_FLOOR)
+            cos = torch.clamp(cos, -1.0, 1.0)
+            total = total + (dm.acos(cos) if aggregation == "angle" else cos)
+            pairs += 1
+    mean = total / pairs
+    cos = dm.cos(mean) if aggregation == "angle" else mean
+    t = stock_t(cos, n)
+    avg = x2[0]
+    for x in x2[1:]:
+        avg = avg + x
+    avg = avg / torch.tensor(float(n), dtype=avg.dtype)
+    t_c = t.to(b2.dtype).unsqueeze(-1)
+    one_minus_t = (1.0 - t).to(b2.dtype).unsqueeze(-1)
+    return (t_c * avg + one_minus_t * b2).reshape(shape)
+
+
+SPECS: tuple[StrategySpec, ...] = (
+    StrategySpec(
+        name="model_stock",
+        version=1,
+        summary="Model Stock: interpolate base->average by the geometry of the fine-tunes",
+        merge=_merge,
+        params=(
+            ParamSpec("filter_wise", bool, False, doc="one t per row instead of per tensor"),
+            ParamSpec(
+                "aggregation",
+                str,
+                "cosine",
+                doc="combine pairwise cosines (mergekit) or pairwise angles (paper authors)",
+                choices=("cosine", "angle"),
+            ),
+        ),
+        needs_base=True,
+        min_models=2,
+        determinism="exact",
+        references=("https://arxiv.org/abs/2403.19522", "https://github.com/arcee-ai/mergekit"),
+    ),
+)
