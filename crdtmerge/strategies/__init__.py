@@ -14,6 +14,7 @@ from . import (
     consensus,
     dare,
     della,
+    expo,
     fisher,
     karcher,
     linear,
@@ -59,6 +60,7 @@ _FAMILIES = (
     svd,
     fisher,
     regmean,
+    expo,
 )
 
 REGISTRY: dict[tuple[str, int], StrategySpec] = {}

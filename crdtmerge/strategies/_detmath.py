@@ -20,7 +20,7 @@ import math
 
 import torch
 
-__all__ = ["acos", "cos", "dot64", "norm64", "rowdot64", "scalar", "sin"]
+__all__ = ["acos", "cos", "dot64", "exp", "log", "norm64", "rowdot64", "scalar", "sin"]
 
 _PI = math.pi
 _HALF_PI = math.pi / 2
@@ -32,6 +32,17 @@ _ASIN_COEFFS = [
     math.factorial(2 * k) / (4.0**k * math.factorial(k) ** 2 * (2 * k + 1)) for k in range(7)
 ]
 _HALVINGS = 6
+# ln 2 split for Cody-Waite reduction: _LN2_HI has trailing zero bits, so k * _LN2_HI is exact.
+_LN2_HI = 0.693147180369123816490
+_LN2_LO = 1.90821492927058770002e-10
+_LN2 = math.log(2.0)
+_INV_LN2 = 1.0 / math.log(2.0)
+# Taylor coefficients of exp(r), r in [-0.35, 0.35], up to r^14 (error < 1e-18).
+_EXP_COEFFS = [1.0 / math.factorial(k) for k in range(15)]
+# log(m) = 2 atanh(z) = 2 (z + z^3/3 + ...), z = (m-1)/(m+1), |z| <= 0.1716: up to z^25.
+_ATANH_COEFFS = [1.0 / (2 * k + 1) for k in range(13)]
+_MANT_MASK = (1 << 52) - 1
+_EXP_ONE = 1023 << 52
 
 
 def _t(x: torch.Tensor | float) -> torch.Tensor:
@@ -80,6 +91,44 @@ def acos(c: torch.Tensor | float) -> torch.Tensor:
         acc = acc * s2 + k
     theta = acc * si * float(2**_HALVINGS)
     return torch.where(c < 0, _PI - theta, theta)
+
+
+def exp(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)`` in float64 from basic operations and exact power-of-two scaling.
+
+    ``x = k ln2 + r`` with integer ``k`` and ``|r| <= ln2 / 2``; ``exp(r)`` is a Taylor
+    polynomial and ``2**k`` is built from its bits. Results below the smallest normal float64
+    flush to 0 (their float32 images are 0 anyway).
+    """
+    x = _t(x)
+    k = torch.floor(x * _INV_LN2 + 0.5)
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    acc = torch.full_like(r, _EXP_COEFFS[-1])
+    for c in reversed(_EXP_COEFFS[:-1]):
+        acc = acc * r + c
+    ki = k.clamp(-1100.0, 1100.0).to(torch.int64)
+    lo = torch.clamp(ki, min=-1022)
+    hi = ki - lo  # <= 0: a second scale for results far below 2**-1022 (then 0)
+    two_lo = ((lo + 1023).clamp(0, 2046) << 52).view(torch.float64)
+    two_hi = torch.where(hi < 0, torch.zeros_like(acc), torch.ones_like(acc))
+    return acc * two_lo * two_hi
+
+
+def log(y: torch.Tensor) -> torch.Tensor:
+    """Natural log in float64 of positive normal ``y``, from basic operations and bit fields."""
+    y = _t(y).contiguous()
+    bits = y.view(torch.int64)
+    e = (bits >> 52) - 1023
+    m = ((bits & _MANT_MASK) | _EXP_ONE).view(torch.float64)  # [1, 2)
+    big = m > math.sqrt(2.0)
+    m = torch.where(big, m * 0.5, m)
+    e = torch.where(big, e + 1, e).to(torch.float64)
+    z = (m - 1.0) / (m + 1.0)
+    z2 = z * z
+    acc = torch.full_like(z, _ATANH_COEFFS[-1])
+    for c in reversed(_ATANH_COEFFS[:-1]):
+        acc = acc * z2 + c
+    return e * _LN2_HI + (2.0 * z * acc + e * _LN2_LO)
 
 
 def scalar(x: torch.Tensor) -> float:
