@@ -187,6 +187,9 @@ class StrategySpec:
         side_inputs: side-tensor kinds a contribution may ship (``"fisher"``, ``"gram"``).
         merge: the per-tensor function.
         observe, reduce: the optional whole-model pre-pass.
+        wants_prepass: given the recipe's global parameters, whether the pre-pass must run
+            (None: whenever ``observe`` is set); lets a strategy with a per-tensor default
+            (e.g. TIES ``trim_scope="tensor"``) skip the extra read. See :meth:`needs_prepass`.
         matrix_only: documentation flag: 2-D tensors get the special treatment, others fall
             back to the documented simple rule.
     """
@@ -203,12 +206,19 @@ class StrategySpec:
     side_inputs: tuple[str, ...] = ()
     observe: ObserveFn | None = None
     reduce: ReduceFn | None = None
+    wants_prepass: Callable[[Mapping[str, Any]], bool] | None = None
     references: tuple[str, ...] = field(default=())
 
     @property
     def all_params(self) -> tuple[ParamSpec, ...]:
         names = {p.name for p in self.params}
         return self.params if "weight" in names else (WEIGHT, *self.params)
+
+    def needs_prepass(self, params: Mapping[str, Any]) -> bool:
+        """Whether ``observe``/``reduce`` must run for a recipe with these global parameters."""
+        if self.observe is None:
+            return False
+        return self.wants_prepass is None or bool(self.wants_prepass(params))
 
     def param(self, name: str) -> ParamSpec:
         for p in self.all_params:

@@ -1,7 +1,166 @@
-"""Strategy family `ties` (placeholder: being implemented)."""
+"""TIES-merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models").
+
+Follows mergekit ``ties`` (generalized task arithmetic with the ``magnitude`` sparsifier and
+``sum`` consensus):
+
+1. **Trim**: per contribution keep the top ``k`` task-vector entries by ``|delta|``:
+   - ``trim_scope="tensor"`` (mergekit, default): ``k = int(density * numel)`` per tensor
+     (at least 1 when density > 0; density >= 1 keeps everything), **exactly** ``k`` entries,
+     ties at the k-th value broken by flat index ascending (mergekit: whatever its argsort
+     returns). Selection is a radix select on the float bit patterns, not a full argsort.
+   - ``trim_scope="model"`` (the paper: one top-k over the whole flattened model): a pre-pass
+     builds, per contribution, a histogram of ``|delta|`` over every tensor (bucket = float32
+     exponent + top 11 mantissa bits); the threshold is the bucket holding the model-wide k-th
+     largest value, ``k = int(sum over tensors of density * numel)``; entries whose bucket is
+     at or above it are kept. Like the paper's ``>=`` threshold this keeps slightly more than
+     ``k`` (here: the whole boundary bucket, values within a relative 2**-11 of each other).
+   - ``rescale`` (default false): mergekit's L1-norm matching of the kept values.
+2. **Elect**: the weighted deltas ``w_i * delta_i`` vote (weights act **before** the election, as
+   in mergekit, unlike the paper which has no weights): ``sign_method="sum"`` (mergekit, the
+   paper's "mass") takes the sign of their sum, ``"count"`` the sign of the sum of signs; a zero
+   vote elects ``+`` (mergekit; the paper uses the model-wide majority sign).
+3. **Disjoint merge**: sum of the weighted deltas whose sign equals the elected sign (zeros never
+   agree); with ``normalize`` (default true) divided by the sum of the agreeing weights
+   (element-wise, 0 replaced by 1) -- with unit weights that is the paper's disjoint mean.
+4. ``base + lambda * merged`` (``lambda`` default 1; the paper tunes it, FusionBench uses 0.3
+   with ``sum``).
+"""
 
 from __future__ import annotations
 
-from .base import StrategySpec
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-SPECS: tuple[StrategySpec, ...] = ()
+import torch
+
+from ..errors import InvalidRecipe
+from . import _sparsify as sp
+from .base import ParamSpec, StrategySpec, TensorTask
+
+__all__ = ["SPECS", "TIES", "gta_merge", "ties"]
+
+Prune = Callable[[TensorTask, int, torch.Tensor], torch.Tensor]
+
+
+def gta_merge(task: TensorTask, prune: Prune, consensus: str | None) -> torch.Tensor:
+    """Generalized task arithmetic: prune each delta (``prune(task, i, delta)``), then combine.
+
+    Shared by ``ties``, ``dare_*``, ``della*`` and ``breadcrumbs*``.
+    """
+    base, deltas = sp.base_and_deltas(task)
+    pruned = [prune(task, i, d) for i, d in enumerate(deltas)]
+    return sp.combine(
+        base,
+        pruned,
+        task.weights,
+        consensus=consensus,
+        normalize=bool(task.params["normalize"]),
+        lambda_=float(task.params["lambda"]),
+    )
+
+
+def _rescale(task: TensorTask) -> str | None:
+    return "l1" if task.params["rescale"] else None
+
+
+def _prune_magnitude(task: TensorTask, i: int, delta: torch.Tensor) -> torch.Tensor:
+    density = float(task.model_params[i]["density"])
+    if task.params.get("trim_scope", "tensor") == "model":
+        if task.stats is None:
+            raise InvalidRecipe(
+                f"tensor {task.name!r}: trim_scope='model' needs the whole-model pre-pass"
+            )
+        threshold = int(task.stats[i])
+        mask = (sp.magnitude_key(delta) >= threshold).reshape(delta.shape)
+    else:
+        mask = sp.magnitude_mask(delta, density)
+    return sp.apply_mask(delta, mask, _rescale(task))
+
+
+def ties(task: TensorTask) -> torch.Tensor:
+    """TIES: magnitude trim, sign election, disjoint (weighted) mean, ``* lambda``, ``+ base``."""
+    return gta_merge(task, _prune_magnitude, str(task.params["sign_method"]))
+
+
+def observe_magnitudes(task: TensorTask) -> list[dict[str, Any]] | None:
+    """Pre-pass: per contribution, a sparse histogram of ``|delta|`` of this tensor."""
+    if task.params.get("trim_scope", "tensor") != "model":
+        return None
+    out = []
+    for i, d in enumerate(task.deltas()):
+        density = float(task.model_params[i]["density"])
+        out.append(sp.histogram_summary(d, sp.topk_count(d.numel(), density)))
+    return out
+
+
+def reduce_thresholds(
+    summaries: Sequence[list[dict[str, Any]] | None], params: Mapping[str, Any]
+) -> tuple[int, ...] | None:
+    """Per contribution, the bucket key of its model-wide k-th largest ``|delta|``."""
+    present = [s for s in summaries if s is not None]
+    if not present:
+        return None
+    n_models = len(present[0])
+    return tuple(sp.threshold_from_histograms([s[i] for s in present]) for i in range(n_models))
+
+
+def model_scope_requested(params: Mapping[str, Any]) -> bool:
+    return params.get("trim_scope", "tensor") == "model"
+
+
+DENSITY = ParamSpec(
+    "density",
+    float,
+    1.0,
+    scope="model",
+    doc="fraction of task-vector entries kept (1 = no trim)",
+    minimum=0.0,
+    maximum=1.0,
+)
+LAMBDA = ParamSpec("lambda", float, 1.0, doc="scale of the merged task vector")
+RESCALE_FALSE = ParamSpec(
+    "rescale", bool, False, doc="L1-norm matching of the kept entries", varying=False
+)
+SIGN_METHOD = ParamSpec(
+    "sign_method",
+    str,
+    "sum",
+    doc="sign election: sum of weighted deltas (mass) or count of signs",
+    choices=("sum", "count"),
+    varying=False,
+)
+TRIM_SCOPE = ParamSpec(
+    "trim_scope",
+    str,
+    "tensor",
+    doc="top-k per tensor (mergekit) or over the whole model (paper, extra pass)",
+    choices=("tensor", "model"),
+    varying=False,
+)
+
+
+def normalize_param(default: bool) -> ParamSpec:
+    return ParamSpec(
+        "normalize",
+        bool,
+        default,
+        doc="divide by the sum of the weights of agreeing contributions",
+        varying=False,
+    )
+
+
+TIES = StrategySpec(
+    name="ties",
+    version=1,
+    summary="TIES: trim to top-k |delta|, elect signs, disjoint mean (mergekit semantics)",
+    merge=ties,
+    params=(DENSITY, LAMBDA, normalize_param(True), RESCALE_FALSE, SIGN_METHOD, TRIM_SCOPE),
+    needs_base=True,
+    min_models=1,
+    observe=observe_magnitudes,
+    reduce=reduce_thresholds,
+    wants_prepass=model_scope_requested,
+    references=("https://arxiv.org/abs/2306.01708",),
+)
+
+SPECS: tuple[StrategySpec, ...] = (TIES,)

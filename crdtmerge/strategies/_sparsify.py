@@ -1,0 +1,415 @@
+"""Shared pieces of the sparsify-and-combine strategies (private).
+
+Every piece here is written once and reused by ``linear``, ``ties``, ``dare``, ``della``,
+``breadcrumbs``, ``magmax``, ``sce``, ``ram``, ``pcb`` and ``consensus``:
+
+- :func:`fixed_sum` and :func:`l1_norm`: full reductions whose bits do not depend on the thread
+  count (torch's plain ``sum`` of a large tensor splits the work across threads and so changes
+  its rounding with ``torch.set_num_threads``; a row-wise ``sum(dim=1)`` does not, because every
+  output row is reduced by exactly one thread with a fixed algorithm);
+- :func:`topk_mask`: keep exactly ``k`` entries of a non-negative score, ties broken by
+  (score descending, flat index ascending). The k-th largest value is found by a radix select on
+  the IEEE-754 bit patterns (``bincount`` of 16-bit digits), which is linear time and several
+  times faster than ``kthvalue`` and far faster than a full ``argsort``;
+- :func:`magnitude_mask`, :func:`outlier_mask`, :func:`random_mask`, :func:`rank_keep_prob`:
+  the trim rules of TIES (mergekit ``magnitude``), breadcrumbs (``magnitude_outliers``), DARE
+  (``bernoulli``) and DELLA (``della_magprune``);
+- :func:`apply_mask`: zero the dropped entries, with mergekit's L1-norm-matching rescale;
+- :func:`elect_sign` and :func:`combine`: mergekit's generalized task arithmetic (weights
+  applied before the sign election, disjoint merge, ``normalize``, ``lambda``);
+- :func:`magnitude_key` / :func:`histogram_summary` / :func:`threshold_from_histograms`: the
+  streaming whole-model ("global") top-k threshold used by ``trim_scope="model"``.
+
+All arithmetic is plain elementwise ``+``, ``*``, ``/`` in the compute dtype, contributions are
+accumulated in the given (canonical) order by a Python loop over contributions (never over
+elements), and no fused kernel (``lerp``, ``add(alpha=)``, ``addcmul``) is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import InvalidRecipe
+from .base import TensorTask
+
+__all__ = [
+    "HIST_BINS",
+    "apply_mask",
+    "base_and_deltas",
+    "combine",
+    "elect_sign",
+    "fixed_sum",
+    "histogram_summary",
+    "l1_norm",
+    "magnitude_key",
+    "magnitude_mask",
+    "ordered_sum",
+    "outlier_mask",
+    "random_mask",
+    "rank_keep_prob",
+    "threshold_from_histograms",
+    "topk_count",
+    "topk_mask",
+]
+
+# Row length of the fixed-order reduction; below torch's GRAIN_SIZE (32768) so the last
+# reduction is always serial.
+_ROW = 4096
+
+
+def fixed_sum(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The sum of all elements of ``x`` in ``dtype``, bit-identical for any thread count.
+
+    The flat tensor is summed as rows of 4096 (each row reduced by one thread), the row sums
+    again as rows, until fewer than 4096 values remain; the tail that does not fill a row is
+    summed on its own (serially) and appended.
+
+    Returns:
+        a 0-d tensor of ``dtype``.
+    """
+    v = x.reshape(-1)
+    while v.numel() > _ROW:
+        m = v.numel() // _ROW
+        head = v[: m * _ROW].view(m, _ROW).sum(dim=1, dtype=dtype)
+        if v.numel() > m * _ROW:
+            tail = v[m * _ROW :].sum(dtype=dtype).reshape(1)
+            head = torch.cat([head, tail])
+        v = head
+    return v.sum(dtype=dtype)
+
+
+def l1_norm(x: torch.Tensor) -> float:
+    """``sum |x|`` accumulated in float64 with :func:`fixed_sum`, as a Python float."""
+    return float(fixed_sum(x.abs(), torch.float64))
+
+
+def ordered_sum(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``terms[0] + terms[1] + ...`` left to right (a new tensor; the terms are untouched)."""
+    acc = terms[0].clone()
+    for t in terms[1:]:
+        acc += t
+    return acc
+
+
+# ----------------------------------------------------------------------------- top-k selection
+
+_DIGIT = 16
+_DIGIT_MASK = (1 << _DIGIT) - 1
+
+
+def _int_view(score: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a non-negative float tensor as integers (order-preserving)."""
+    flat = score.reshape(-1)
+    if flat.dtype == torch.float32:
+        return flat.view(torch.int32)
+    if flat.dtype == torch.float64:
+        return flat.view(torch.int64)
+    return flat.to(torch.float32).view(torch.int32)
+
+
+def _kth_largest_key(keys: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """Radix select on non-negative integer keys (int32 < 2**31 or int64 < 2**63).
+
+    Returns:
+        ``(key, above, equal)``: the k-th largest key (1-based), how many keys are strictly
+        greater, and how many are equal to it.
+    """
+    bits = 32 if keys.dtype == torch.int32 else 64
+    shifts = list(range(bits - _DIGIT, -1, -_DIGIT))
+    cand = keys
+    rank = k  # wanted: the rank-th largest among cand
+    prefix = 0
+    above = 0
+    equal = 0
+    for level, shift in enumerate(shifts):
+        digits = (cand >> shift) & _DIGIT_MASK if shift else cand & _DIGIT_MASK
+        counts = torch.bincount(digits, minlength=1 << _DIGIT)
+        from_top = counts.flip(0).cumsum(0)  # from_top[j] = #digits >= (65535 - j)
+        j = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype))[0])
+        d = _DIGIT_MASK - j
+        n_d = int(counts[d])
+        greater = int(from_top[j]) - n_d
+        above += greater
+        rank -= greater
+        prefix |= d << shift
+        equal = n_d
+        if level + 1 < len(shifts):
+            cand = cand[digits == d]
+    return prefix, above, equal
+
+
+def topk_count(n: int, density: float) -> int:
+    """mergekit's ``k`` for a density: ``int(density * n)``, at least 1 when density > 0."""
+    if density <= 0.0:
+        return 0
+    if density >= 1.0:
+        return n
+    return max(1, int(density * n))
+
+
+def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly ``k`` entries of a non-negative, finite ``score``.
+
+    The kept entries are the first ``k`` in the order (score descending, flat index ascending):
+    the k-th largest value is found exactly (radix select on the bit patterns); every entry
+    above it is kept and, of the entries equal to it, those with the smallest flat indices.
+    ``-0.0`` is never passed here (scores are ``abs`` values or non-negative products).
+
+    Returns:
+        a bool tensor shaped like ``score``.
+    """
+    n = score.numel()
+    if k >= n:
+        return torch.ones(score.shape, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros(score.shape, dtype=torch.bool)
+    keys = _int_view(score)
+    key, above, equal = _kth_largest_key(keys, k)
+    need = k - above
+    if need == equal:
+        mask = keys >= key
+    else:
+        mask = keys > key
+        ties = torch.nonzero(keys == key).reshape(-1)[:need]
+        mask[ties] = True
+    return mask.reshape(score.shape)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """mergekit ``magnitude``: keep the top ``int(density * n)`` entries by ``|delta|``.
+
+    Returns:
+        the keep mask, or None when everything is kept (density >= 1).
+    """
+    if density >= 1.0:
+        return None
+    return topk_mask(delta.abs(), topk_count(delta.numel(), density))
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
+    """mergekit ``magnitude_outliers`` (Model Breadcrumbs).
+
+    With ``n`` entries ranked by ``|delta|``: drop the top ``n_top = int(gamma * n)`` and the
+    bottom ``n_bot = n - int(density * n) - n_top``; when ``n_bot < 0`` fewer top entries are
+    dropped (``n_top += n_bot``) so that ``int(density * n)`` entries remain. Ranks use the
+    order of :func:`topk_mask` (ties by flat index).
+
+    Returns:
+        the keep mask, or None when everything is kept.
+    """
+    if density >= 1.0 and gamma <= 0.0:
+        return None
+    n = delta.numel()
+    target = int(density * n) if density < 1.0 else n
+    n_top = int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    score = delta.abs()
+    keep = topk_mask(score, n - n_bot)
+    if n_top > 0:
+        keep &= ~topk_mask(score, n_top)
+    return keep
+
+
+def random_mask(
+    task: TensorTask, i: int, shape: torch.Size, p: float | torch.Tensor
+) -> torch.Tensor:
+    """Keep mask ``u < p`` with float32 uniforms of contribution ``i``'s stream."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    u = task.rng.uniform(n, stream=task.streams[i]).reshape(tuple(shape))
+    if isinstance(p, torch.Tensor):
+        return u < p.to(torch.float32)
+    return u < torch.tensor(p, dtype=torch.float32)
+
+
+def rank_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA (mergekit ``della_magprune``) keep probabilities, float32.
+
+    Per row (the last dimension; a 1-D tensor is one row; higher ranks are flattened to
+    (rows, last dim)): rank ``|delta|`` ascending (ties by index), ``r = rank / (cols - 1)``,
+    ``p = density - epsilon + 2 * epsilon * r``. A row of one element gets ``p = density``.
+    """
+    cols = delta.shape[-1] if delta.dim() else 1
+    rows = delta.reshape(-1, cols).abs()
+    if cols == 1:
+        return torch.full(delta.shape, density, dtype=torch.float32)
+    order = torch.sort(rows, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ar = torch.arange(cols, dtype=order.dtype).expand_as(order)
+    ranks.scatter_(1, order, ar)
+    r = ranks.to(torch.float32) / torch.tensor(float(cols - 1), dtype=torch.float32)
+    lo = torch.tensor(density - epsilon, dtype=torch.float32)
+    p = lo + r * torch.tensor(2.0 * epsilon, dtype=torch.float32)
+    return p.reshape(delta.shape)
+
+
+def apply_mask(
+    delta: torch.Tensor, mask: torch.Tensor | None, rescale: str | None = None, eps: float = 1e-7
+) -> torch.Tensor:
+    """Zero the dropped entries of ``delta`` in place; optionally rescale the survivors.
+
+    ``rescale="l1"`` is mergekit's L1-norm matching: the survivors are multiplied by
+    ``L1(delta before) / L1(delta after)`` (norms accumulated in float64 with a fixed order,
+    the ratio applied as one scalar multiply in the compute dtype), skipped when either norm is
+    below ``eps``. ``None`` leaves the survivors as they are. Returns ``delta``.
+    """
+    if mask is None:
+        return delta
+    before = l1_norm(delta) if rescale == "l1" else 0.0
+    delta.mul_(mask)
+    if rescale == "l1":
+        after = l1_norm(delta)
+        if before >= eps and after >= eps:
+            delta *= before / after
+    elif rescale is not None:
+        raise InvalidRecipe(f"unknown rescale rule {rescale!r}")
+    return delta
+
+
+def base_and_deltas(task: TensorTask) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The base and fresh task vectors (raises ``InvalidRecipe`` without a base)."""
+    deltas = task.deltas()
+    assert task.base is not None  # for the type checker: deltas() raised otherwise
+    return task.base, deltas
+
+
+# ------------------------------------------------------------------------- election and merge
+
+
+def elect_sign(weighted: Sequence[torch.Tensor], method: str) -> torch.Tensor:
+    """mergekit ``get_mask`` majority sign: +1 where the vote is >= 0, else -1.
+
+    ``method="sum"``: the vote is the sum of the (weighted) deltas; ``"count"``: the sum of
+    their signs. Returns a tensor of +1/-1 in the compute dtype.
+    """
+    if method == "sum":
+        vote = ordered_sum(weighted)
+    elif method == "count":
+        vote = ordered_sum([torch.sign(w) for w in weighted])
+    else:
+        raise InvalidRecipe(f"sign_method must be 'sum' or 'count', got {method!r}")
+    one = torch.ones((), dtype=vote.dtype)
+    return torch.where(vote >= 0, one, -one)
+
+
+def combine(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: str | None,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """mergekit generalized task arithmetic, after sparsification.
+
+    ``w_i * delta_i`` (weights applied **before** the sign election, as in mergekit, issue
+    #474); with ``consensus`` (``"sum"``/``"count"``) each weighted delta keeps only entries
+    whose sign equals the elected sign (zeros never agree) and the divisor is the element-wise
+    sum of the agreeing weights (0 replaced by 1); without it the divisor is ``sum w_i``
+    (replaced by 1 when ``|sum| < 1e-8``). Then ``/ divisor`` if ``normalize``, ``* lambda``,
+    ``+ base``.
+
+    The agreeing entries are summed as magnitudes ``max(w_i delta_i * s, 0)`` (``s`` the
+    elected sign, +1/-1) and multiplied by ``s`` at the end: IEEE rounding is symmetric in the
+    sign, so this is bit-identical to summing the signed agreeing values, in fewer passes.
+
+    ``deltas`` are consumed (overwritten).
+    """
+    weighted = []
+    for d, w in zip(deltas, weights, strict=True):
+        if w != 1.0:
+            d *= w
+        weighted.append(d)
+    if consensus is not None:
+        majority = elect_sign(weighted, consensus)
+        unit = all(w == 1.0 for w in weights)
+        mixed: torch.Tensor | None = None
+        divisor: torch.Tensor | None = None
+        for wd, w in zip(weighted, weights, strict=True):
+            wd *= majority
+            wd.clamp_(min=0.0)
+            mixed = wd if mixed is None else mixed.add_(wd)
+            if normalize:
+                share = torch.sign(wd) if unit else torch.sign(wd).mul_(w)
+                divisor = share if divisor is None else divisor.add_(share)
+        if mixed is None:
+            raise InvalidRecipe("a merge needs at least one contribution")
+        mixed *= majority
+        if divisor is not None:
+            divisor.masked_fill_(divisor == 0, 1.0)
+            mixed /= divisor
+    else:
+        mixed = ordered_sum(weighted)
+        if normalize:
+            total = 0.0
+            for w in weights:
+                total += w
+            if abs(total) < 1e-8:
+                total = 1.0
+            mixed /= total
+    if lambda_ != 1.0:
+        mixed *= lambda_
+    return mixed.add_(base)
+
+
+# --------------------------------------------------------------- whole-model ("global") top-k
+
+#: magnitude keys keep the float32 exponent and the top 11 mantissa bits (relative bucket
+#: width 2**-11); 2**19 possible keys for non-negative values.
+_KEY_SHIFT = 12
+HIST_BINS = 1 << (31 - _KEY_SHIFT)
+
+
+def magnitude_key(delta: torch.Tensor) -> torch.Tensor:
+    """Bucket key of ``|delta|`` (int64, order-preserving, ``HIST_BINS`` values).
+
+    float64 deltas are rounded to float32 first (a monotone map), so the key only depends on
+    the value.
+    """
+    a = delta.abs().reshape(-1)
+    if a.dtype != torch.float32:
+        a = a.to(torch.float32)
+    return (a.view(torch.int32) >> _KEY_SHIFT).to(torch.int64)
+
+
+def histogram_summary(delta: torch.Tensor, target: float) -> dict[str, Any]:
+    """Sparse histogram of :func:`magnitude_key` for one tensor of one model.
+
+    Returns:
+        ``{"keys": int64 tensor, "counts": int64 tensor, "target": float, "n": int}`` where
+        ``target`` is the number of entries this tensor asks to keep (``density * numel``).
+    """
+    counts = torch.bincount(magnitude_key(delta), minlength=HIST_BINS)
+    keys = torch.nonzero(counts).reshape(-1)
+    return {"keys": keys, "counts": counts[keys], "target": float(target), "n": delta.numel()}
+
+
+def threshold_from_histograms(parts: Sequence[dict[str, Any]]) -> int:
+    """The key of the global k-th largest ``|delta|`` over many tensor summaries.
+
+    ``k = int(sum of targets)`` (summed in the given order), clamped to ``[0, total]``.
+    Returns ``HIST_BINS`` (keep nothing) when ``k == 0``; entries with ``key >= threshold`` are
+    kept, so slightly more than ``k`` survive (the bucket of the k-th value is kept whole, as
+    the paper's ``>=`` threshold keeps ties).
+    """
+    dense = torch.zeros(HIST_BINS, dtype=torch.int64)
+    target = 0.0
+    total = 0
+    for p in parts:
+        dense.index_add_(0, p["keys"], p["counts"])
+        target += p["target"]
+        total += p["n"]
+    k = min(int(target), total)
+    if k <= 0:
+        return HIST_BINS
+    from_top = dense.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype))[0])
+    return HIST_BINS - 1 - j
