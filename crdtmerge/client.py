@@ -4,8 +4,7 @@ Uploads are streamed from disk (never read whole into memory); downloads stream 
 file next to the destination and are renamed into place only after the byte count (and, for
 the merged model, the root) checks out. Errors answered by the node as
 ``{"error": code, "detail": ...}`` are raised as the matching :mod:`crdtmerge.errors` class;
-transport failures become :class:`~crdtmerge.errors.StorageError`-free
-:class:`NodeUnavailable`.
+transport failures (refused, timeout, broken stream) become :class:`NodeUnavailable`.
 
 The transport is pluggable, as in httpx: pass ``transport=httpx.MockTransport(handler)`` in unit
 tests, or ``http=`` any configured ``httpx.Client`` (for example Starlette's ``TestClient``,
@@ -40,6 +39,18 @@ _ERROR_CLASSES: dict[str, type[CrdtMergeError]] = {}
 for _name in _errors.__all__:
     _cls = getattr(_errors, _name)
     _ERROR_CLASSES.setdefault(_cls.code, _cls)
+
+
+#: fallback by HTTP status for codes this build does not know (e.g. ``invalid_request``)
+_BY_STATUS: dict[int, type[CrdtMergeError]] = {
+    400: _errors.InvalidInput,
+    401: _errors.Unauthorized,
+    403: _errors.Forbidden,
+    404: _errors.NotFound,
+    413: _errors.TooLarge,
+    422: _errors.InvalidInput,
+    507: _errors.StorageError,
+}
 
 
 class NodeUnavailable(CrdtMergeError):
@@ -271,9 +282,7 @@ def _raise_for_error(resp: httpx.Response) -> None:
         code, detail = str(body["error"]), str(body.get("detail", ""))
     except (ValueError, KeyError, TypeError):
         code, detail = "http_error", f"HTTP {resp.status_code}: {resp.text[:200]}"
-    cls = _ERROR_CLASSES.get(code)
-    if cls is None:
-        exc = CrdtMergeError(detail, code=code)
-        exc.http_status = resp.status_code
-        raise exc
-    raise cls(detail, code=code)
+    cls = _ERROR_CLASSES.get(code) or _BY_STATUS.get(resp.status_code, CrdtMergeError)
+    exc = cls(detail, code=code)
+    exc.http_status = resp.status_code
+    raise exc

@@ -24,6 +24,7 @@ class RecipeIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    format: int = 1
     strategy: str
     version: int = 1
     params: dict[str, Any] = Field(default_factory=dict)
