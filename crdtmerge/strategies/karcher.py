@@ -14,7 +14,8 @@ mean of the norms of *all* inputs (``sum_i w_i |x_i| / sum_i w_i``).
 Parameters (mergekit's): ``max_iter`` (default 10), ``tol`` (default 1e-5). Deviation: mergekit's
 YAML path uses equal weights and ignores ``weight``; we use the per-model ``weight`` (default 1,
 i.e. mergekit's result). A base, if the recipe names one, is not used (mergekit's karcher has
-no base either).
+no base either). Identical contributions (one included) are returned unchanged; the formula
+gives them back only up to rounding.
 
 Determinism: ``exact``: float64 sums for every dot product and norm, the angles from
 :mod:`._detmath`, the vectors updated with plain ``*``/``+``/``-`` in the compute dtype.
@@ -41,8 +42,8 @@ def karcher_mean(
     xs: list[torch.Tensor], weights: list[float], max_iter: int = 10, tol: float = 1e-5
 ) -> torch.Tensor:
     """The weighted Karcher mean of ``xs`` (see the module docstring)."""
-    if len(xs) == 1:
-        return xs[0].clone()
+    if all(torch.equal(xs[0], x) for x in xs[1:]):
+        return xs[0].clone()  # idempotence (the formula returns it up to rounding)
     total = math.fsum(weights)
     if total == 0.0:
         raise InvalidRecipe("karcher: the weights sum to zero")

@@ -19,7 +19,8 @@ dimension; a 1-D tensor is one row) instead of one per tensor.
 Deviations and edge cases: where ``|1 + (N - 1) cos| < 1e-6`` (``t`` undefined) the base is
 returned for that tensor/row, as mergekit 0.1.5 does; ``t`` may be negative or exceed 1 when the
 offsets point apart (as in mergekit). Per-model ``weight`` is ignored (the method has none);
-``mean(x_i)`` is the plain mean summed in canonical order.
+``mean(x_i)`` is the plain mean summed in canonical order. Identical contributions are returned
+unchanged (the formula gives ``t = 1`` and their mean, which is ``x`` only up to rounding).
 
 Determinism: ``exact``: float64 sums for the dot products and norms, angles from
 :mod:`._detmath`, plain ``*``/``+`` for the output in the compute dtype.
@@ -58,6 +59,8 @@ def _merge(task: TensorTask) -> torch.Tensor:
     shape = base.shape
     if base.numel() == 0:
         return base.clone()
+    if all(torch.equal(xs[0], x) for x in xs[1:]):
+        return xs[0].clone()  # t = 1 and mean = x, up to rounding
     if filter_wise:
         b2 = base.reshape(-1, shape[-1] if base.dim() >= 1 else 1)
         x2 = [x.reshape(b2.shape) for x in xs]

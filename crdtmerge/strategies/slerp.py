@@ -43,6 +43,9 @@ of the unit vectors is shorter than ``eps`` (antipodal inputs), two inputs fall 
 weighted lerp and more raise :class:`~crdtmerge.errors.IncompatibleInputs`. One contribution is
 returned unchanged (as in mergekit).
 
+Idempotence: in all three, identical endpoints/contributions are returned unchanged (the
+formulas give them back only up to float rounding, e.g. ``0.7 x + 0.3 x``).
+
 Determinism: ``exact``. Norms and dot products are float64 sums, the angles come from
 :mod:`._detmath` (basic IEEE operations only), and the tensors are combined with plain ``*`` and
 ``+`` in the compute dtype.
@@ -58,12 +61,17 @@ from ..errors import IncompatibleInputs, InvalidRecipe
 from . import _detmath as dm
 from .base import REQUIRED, ParamSpec, StrategySpec, TensorTask
 
-__all__ = ["SPECS", "slerp_tensors"]
+__all__ = ["SPECS", "all_equal", "nuslerp_tensors", "slerp_tensors"]
 
 _DOT_THRESHOLD = 0.9995
 _SLERP_EPS = 1e-8
 _NU_NORM_EPS = 1e-7
 _NU_COLINEAR_EPS = 1e-8
+
+
+def all_equal(xs: list[torch.Tensor]) -> bool:
+    """True when every tensor equals the first (then merges return it unchanged)."""
+    return all(torch.equal(xs[0], x) for x in xs[1:])
 
 
 def _coef(c: float, like: torch.Tensor) -> torch.Tensor:
@@ -76,6 +84,8 @@ def _combine(c0: float, v0: torch.Tensor, c1: float, v1: torch.Tensor) -> torch.
 
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """mergekit's ``slerp(t, v0, v1)`` on whole tensors (see the module docstring)."""
+    if torch.equal(v0, v1):
+        return v0.clone()
     n0 = dm.norm64(v0)
     n1 = dm.norm64(v1)
     d0 = n0 if n0 > _SLERP_EPS else 1.0
@@ -95,6 +105,8 @@ def _slerp(task: TensorTask) -> torch.Tensor:
     xs = list(task.inputs)
     if task.base is not None and len(xs) == 1:
         return slerp_tensors(t, task.base, xs[0])
+    if len(xs) == 2 and all_equal(xs):
+        return xs[0].clone()
     if len(xs) != 2:
         raise InvalidRecipe(
             "slerp interpolates between two endpoints: give a base and one contribution, "
@@ -142,6 +154,8 @@ def nuslerp_tensors(
 
 
 def _nuslerp(task: TensorTask) -> torch.Tensor:
+    if all_equal(list(task.inputs)):
+        return task.inputs[0].clone()
     w0, w1 = task.weights
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
     flatten = bool(task.params["nuslerp_flatten"])
@@ -156,7 +170,7 @@ def _nuslerp(task: TensorTask) -> torch.Tensor:
 
 def _multislerp(task: TensorTask) -> torch.Tensor:
     xs = list(task.inputs)
-    if len(xs) == 1:
+    if all_equal(xs):
         return xs[0].clone()
     eps = float(task.params["eps"])
     weights = task.weights
