@@ -7,7 +7,8 @@ that mean is shorter than ``tol``) and iterate at most ``max_iter`` times:
 
     tangent = sum_i alpha_i theta_i / sin(theta_i) (u_i - cos(theta_i) m),  theta_i = acos(u_i.m)
 
-(terms with ``theta_i < tol`` skipped); stop when ``|tangent| < tol``, else step along the
+(terms with ``theta_i < tol`` skipped, and -- a deviation, mergekit divides by zero there --
+exactly antipodal ones, ``sin(theta_i) < 1e-12``, whose geodesic direction is undefined); stop when ``|tangent| < tol``, else step along the
 geodesic ``m <- cos|T| m + sin|T| T/|T|`` and renormalise. The output is ``m`` times the weighted
 mean of the norms of *all* inputs (``sum_i w_i |x_i| / sum_i w_i``).
 
@@ -32,6 +33,9 @@ from . import _detmath as dm
 from .base import ParamSpec, StrategySpec, TensorTask
 
 __all__ = ["SPECS", "karcher_mean"]
+
+
+_ANTIPODAL = 1e-12
 
 
 def _c(x: float, like: torch.Tensor) -> torch.Tensor:
@@ -69,9 +73,10 @@ def karcher_mean(
         for a, u in zip(va, units, strict=True):
             dot = min(max(dm.dot64(mean, u), -1.0), 1.0)
             theta = dm.scalar(dm.acos(dot))
-            if theta < tol:
-                continue
-            k = a * theta / dm.scalar(dm.sin(theta))
+            sin_theta = dm.scalar(dm.sin(theta))
+            if theta < tol or sin_theta < _ANTIPODAL:
+                continue  # at the mean already, or antipodal (no defined direction)
+            k = a * theta / sin_theta
             tangent = tangent + _c(k, u) * (u - _c(dot, mean) * mean)
         tn = dm.norm64(tangent)
         if tn < tol:

@@ -19,7 +19,8 @@ With two contributions, *which* one is ``v0`` is decided by content hashes, not 
 only ``t = 0.5`` is meaningful there: at ``t = 0.5`` the two coefficients are the same float,
 every reduction is symmetric, and the result is bit-identical under swapping the inputs (a test
 checks this). Other ``t`` values are deterministic but favour an arbitrary side. One
-contribution without a base is an error (there is no second endpoint).
+contribution without a base is returned unchanged (mergekit does the same with a lone input), so
+a set that shrinks to one member still has a defined merge.
 
 **nuslerp** (mergekit ``nuslerp``): exactly two contributions; ``t = w_1 / (w_0 + w_1)`` from
 the per-model ``weight`` (0.5 when ``|w_0 + w_1| < 1e-6``), so the result does not depend on the
@@ -107,12 +108,8 @@ def _slerp(task: TensorTask) -> torch.Tensor:
         return slerp_tensors(t, task.base, xs[0])
     if len(xs) == 2 and all_equal(xs):
         return xs[0].clone()
-    if len(xs) != 2:
-        raise InvalidRecipe(
-            "slerp interpolates between two endpoints: give a base and one contribution, "
-            f"or two contributions (tensor {task.name!r} has {len(xs)} contribution(s) "
-            "and no base)"
-        )
+    if len(xs) == 1:
+        return xs[0].clone()  # no second endpoint: mergekit returns the lone model too
     if task.base is None:
         return slerp_tensors(t, xs[0], xs[1])
     d = task.deltas()

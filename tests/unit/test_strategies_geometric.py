@@ -141,9 +141,9 @@ def test_slerp_identical_contributions_returned_unchanged() -> None:
     assert torch.equal(run("slerp", [x.clone()], base=x, t=0.7), x)
 
 
-def test_slerp_needs_two_endpoints() -> None:
-    with pytest.raises(InvalidRecipe, match="two endpoints"):
-        run("slerp", [E1], t=0.5)
+def test_slerp_lone_contribution_without_base_is_returned() -> None:
+    x = randn((3, 2), 6)
+    assert torch.equal(run("slerp", [x], t=0.3), x)
 
 
 def test_slerp_param_schema() -> None:
