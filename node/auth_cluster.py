@@ -53,6 +53,7 @@ __all__ = [
     "ClusterKey",
     "RequestVerifier",
     "load_cluster_secret",
+    "request_target",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,14 @@ def load_cluster_secret(value: str | None, env: Mapping[str, str] | None = None)
             f"print(secrets.token_urlsafe(32))'`)"
         )
     return secret
+
+
+def request_target(scope: Mapping[str, object]) -> str:
+    """The signed target of an ASGI request: raw path plus ``?query`` (as the client sent it)."""
+    raw = scope.get("raw_path") or str(scope.get("path", "")).encode()
+    query = scope.get("query_string") or b""
+    target = bytes(raw) + (b"?" + bytes(query) if query else b"")  # type: ignore[arg-type]
+    return target.decode("latin-1")
 
 
 class ClusterKey:

@@ -1,0 +1,208 @@
+"""``/v1/replication``: node-to-node endpoints (msgpack, cluster-authenticated).
+
+Every route depends on :func:`cluster_peer`, which verifies the request's HMAC signature made
+with the cluster secret (:mod:`node.auth_cluster`): an unsigned, wrongly signed, stale or
+replayed request gets 401 before any handler runs, and a node without a cluster secret refuses
+all of them. Every successful answer is signed back (:func:`signed`), bound to the request's
+nonce, so the caller knows it came from a cluster member.
+
+Anti-entropy (bodies are :mod:`crdtmerge.wire` messages):
+
+- ``POST /digest``: a :class:`~crdtmerge.wire.DigestMessage`; the answer is this node's digest
+  or, where documents differ, an :class:`~crdtmerge.wire.IndexMessage`;
+- ``POST /index``: an ``IndexMessage``; the receiver joins and persists (fsync) before it
+  answers, and answers with the documents the sender asked for;
+- ``POST /changed``: a :class:`~crdtmerge.wire.ChangedNotice`; answered at once (204), the
+  receiver pulls from the sender in the background.
+
+Objects (see :mod:`node.transfer`):
+
+- ``GET /objects/{root}/manifest``: the manifest of a complete object (404 otherwise);
+- ``POST /objects/{root}/chunks``: body ``{"v": 1, "chunks": [[tensor, index], ...]}``; the
+  answer is the chunks' bytes concatenated in the order asked (their lengths follow from the
+  manifest), at most :data:`MAX_BATCH_BYTES` per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Annotated, Any
+
+import msgpack
+from fastapi import APIRouter, Depends, Request, Response
+
+from crdtmerge.errors import (
+    NotFound,
+    RemoteProtocolError,
+    StorageError,
+    TooLarge,
+    Unauthorized,
+    UnsupportedVersion,
+)
+from crdtmerge.store import ObjectStore, canonical_layout
+
+from ..auth_cluster import HEADER_SIGNATURE, request_target
+from ..runtime import parse_root_hex
+from ..transfer import CHUNKS_VERSION, MAX_BATCH_CHUNKS
+
+__all__ = ["MAX_BATCH_BYTES", "cluster_peer", "router", "signed"]
+
+MSGPACK = "application/msgpack"
+#: largest chunk batch served in one answer
+MAX_BATCH_BYTES = 64 << 20
+#: largest replication request body accepted
+MAX_REQUEST_BYTES = 256 << 20
+
+
+def _replication(request: Request) -> Any:
+    rep = getattr(request.app.state, "replication", None)
+    if rep is None or rep.key is None:
+        raise Unauthorized("replication is disabled: this node has no cluster secret")
+    return rep
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+        raise TooLarge(f"replication message of {declared} bytes exceeds {MAX_REQUEST_BYTES}")
+    parts = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_REQUEST_BYTES:
+            raise TooLarge(f"replication message exceeds {MAX_REQUEST_BYTES} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def cluster_peer(request: Request) -> str:
+    """Verify the request's cluster signature; return the sender's node id.
+
+    The body is read here (bounded) and kept on ``request.state.body`` for the handler.
+    """
+    rep = _replication(request)
+    body = await _read_body(request)
+    node, nonce = rep.verifier.verify(
+        request.method, request_target(request.scope), body, request.headers
+    )
+    request.state.body = body
+    request.state.cluster_nonce = nonce
+    request.state.cluster_node = node
+    return node
+
+
+ClusterPeer = Annotated[str, Depends(cluster_peer)]
+
+router = APIRouter(prefix="/replication", tags=["replication"], include_in_schema=True)
+
+
+def signed(request: Request, content: bytes, *, status: int = 200, media_type: str = MSGPACK):
+    """An answer carrying the response MAC bound to the request's nonce."""
+    rep = _replication(request)
+    mac = rep.key.response_mac(request.state.cluster_nonce, status, content)
+    return Response(
+        content, status_code=status, media_type=media_type, headers={HEADER_SIGNATURE: mac}
+    )
+
+
+# -- anti-entropy ------------------------------------------------------------------------------
+
+
+@router.post("/digest")
+async def digest(request: Request, peer: ClusterPeer) -> Response:
+    """A peer opens an anti-entropy round with its digest."""
+    rep = _replication(request)
+    answer = await rep.handle_digest(request.state.body, peer)
+    return signed(request, answer)
+
+
+@router.post("/index")
+async def index(request: Request, peer: ClusterPeer) -> Response:
+    """A peer pushes the documents that differ (and asks for ours); joined before answering."""
+    rep = _replication(request)
+    answer = await rep.handle_index(request.state.body, peer)
+    return signed(request, answer)
+
+
+@router.post("/changed")
+async def changed(request: Request, peer: ClusterPeer) -> Response:
+    """Best-effort notice that the peer changed; we pull from it in the background."""
+    rep = _replication(request)
+    await rep.handle_changed(request.state.body, peer)
+    return signed(request, b"", status=200)
+
+
+# -- objects -----------------------------------------------------------------------------------
+
+
+@router.get("/objects/{root}/manifest")
+async def manifest(root: str, request: Request, peer: ClusterPeer) -> Response:
+    store: ObjectStore = request.app.state.runtime.store
+    r = parse_root_hex(root)
+    if not store.has(r):
+        raise NotFound(f"object {root} is not complete on this node")
+    data = await asyncio.to_thread(lambda: store.manifest(r).to_bytes())
+    return signed(request, data, media_type="application/octet-stream")
+
+
+def _parse_chunk_request(body: bytes) -> list[tuple[str, int]]:
+    try:
+        obj = msgpack.unpackb(body, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise RemoteProtocolError(f"chunk request is not msgpack: {exc}") from exc
+    if not isinstance(obj, dict) or set(obj) != {"v", "chunks"}:
+        raise RemoteProtocolError('chunk request must be {"v": 1, "chunks": [[name, index]...]}')
+    if obj["v"] != CHUNKS_VERSION:
+        raise UnsupportedVersion(
+            f"chunk request version {obj['v']!r}; this node speaks {CHUNKS_VERSION}"
+        )
+    chunks = obj["chunks"]
+    if not isinstance(chunks, list) or not 0 < len(chunks) <= MAX_BATCH_CHUNKS:
+        raise RemoteProtocolError(f"chunk request must list 1..{MAX_BATCH_CHUNKS} chunks")
+    out = []
+    for item in chunks:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or type(item[1]) is not int
+        ):
+            raise RemoteProtocolError("each chunk must be [tensor name, chunk index]")
+        out.append((item[0], item[1]))
+    return out
+
+
+def read_chunks(store: ObjectStore, root: bytes, refs: list[tuple[str, int]]) -> bytes:
+    """The bytes of ``refs`` of a complete object, concatenated (blocking)."""
+    manifest = store.manifest(root)
+    _, offsets = canonical_layout(manifest)
+    spans = [manifest.chunk_span(name, index) for name, index in refs]
+    total = sum(n for _, n in spans)
+    if total > MAX_BATCH_BYTES:
+        raise TooLarge(f"chunk batch of {total} bytes exceeds {MAX_BATCH_BYTES}; ask for fewer")
+    out = bytearray(total)
+    view = memoryview(out)
+    pos = 0
+    fd = os.open(store.path(root), os.O_RDONLY)
+    try:
+        for (name, _), (start, n) in zip(refs, spans, strict=True):
+            got = os.preadv(fd, [view[pos : pos + n]], offsets[name] + start)
+            if got != n:
+                raise StorageError(f"object {root.hex()[:12]} is shorter than its manifest")
+            pos += n
+    finally:
+        os.close(fd)
+    return bytes(out)
+
+
+@router.post("/objects/{root}/chunks")
+async def chunks(root: str, request: Request, peer: ClusterPeer) -> Response:
+    store: ObjectStore = request.app.state.runtime.store
+    r = parse_root_hex(root)
+    refs = _parse_chunk_request(request.state.body)
+    if not store.has(r):
+        raise NotFound(f"object {root} is not complete on this node")
+    data = await asyncio.to_thread(read_chunks, store, r, refs)
+    request.app.state.runtime.metrics.download_bytes_total.inc(len(data))
+    return signed(request, data, media_type="application/octet-stream")

@@ -1,0 +1,423 @@
+"""Verified object transfer between nodes: manifest first, then chunks from any peer.
+
+Objects move separately from the CRDT index (DESIGN §6). When a node learns of a root it lacks
+(a live contribution or a recipe's base), :class:`ObjectFetcher` fetches it:
+
+1. **Manifest.** Ask peers (best score first) for ``GET /v1/replication/objects/{root}/manifest``
+   and decode it with the wanted root (:meth:`Manifest.from_bytes` with ``expected_root``): the
+   manifest must hash to the root we asked for, so nothing a peer says is trusted. A peer that
+   answers 404 does not hold the object and is skipped for it.
+2. **Resume.** :meth:`ObjectStore.begin_partial` starts, or resumes after a crash, a partial
+   object whose bitmap says which chunks are already verified and fsynced on disk; only the
+   missing chunks are fetched again.
+3. **Chunks.** Missing chunks are grouped into batches of about ``batch_bytes`` (one 4 MiB chunk,
+   or many small tensors' chunks: a model has hundreds of small tensors, and one request per
+   tensor would be all overhead) and fetched by ``concurrency`` workers with
+   ``POST /v1/replication/objects/{root}/chunks``. Each worker spreads its batches over the peers
+   that hold the object. Every chunk is verified against its leaf
+   (:meth:`PartialObject.write_chunk`) *before* it is written; a batch of the wrong length or a
+   chunk that does not hash to its leaf penalises the peer that served it (it is not asked for
+   this object again, and is avoided for ``penalty_s`` seconds for other objects) and the chunk
+   goes back to the queue for another peer. A transport error or 5xx backs the peer off.
+4. **Complete.** When every chunk is present, :meth:`PartialObject.complete` renames the object
+   into place; only then does ``store.has(root)`` become true (so the node advertises and merges
+   only complete objects), and ``on_complete(root)`` is called.
+
+Nothing unverified ever reaches the store, and a ``kill -9`` loses at most the chunks in flight.
+Fetches of the same root are deduplicated; :meth:`ObjectFetcher.ensure` starts background
+fetches and returns at once (the gossip driver calls it after every join).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+import msgpack
+
+from crdtmerge.errors import (
+    CrdtMergeError,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    RemoteProtocolError,
+    Unauthorized,
+    UnsupportedVersion,
+)
+from crdtmerge.identity import Manifest
+from crdtmerge.store import ObjectStore, PartialObject
+
+__all__ = ["ChunkRef", "FetchStats", "ObjectFetcher", "PeerScores", "plan_batches"]
+
+log = logging.getLogger(__name__)
+
+ChunkRef = tuple[str, int]  # (tensor name, chunk index)
+
+#: chunk-batch request format version (in the msgpack body)
+CHUNKS_VERSION = 1
+#: most chunks in one batch request (small tensors are one chunk each)
+MAX_BATCH_CHUNKS = 1024
+
+
+def plan_batches(
+    manifest: Manifest, missing: Sequence[ChunkRef], batch_bytes: int
+) -> list[list[ChunkRef]]:
+    """Group missing chunks, in order, into batches of at most ``batch_bytes`` bytes (a chunk
+    larger than that travels alone) and at most :data:`MAX_BATCH_CHUNKS` chunks."""
+    batches: list[list[ChunkRef]] = []
+    current: list[ChunkRef] = []
+    size = 0
+    for ref in missing:
+        _, n = manifest.chunk_span(*ref)
+        if current and (size + n > batch_bytes or len(current) >= MAX_BATCH_CHUNKS):
+            batches.append(current)
+            current, size = [], 0
+        current.append(ref)
+        size += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class _PeerState:
+    failures: int = 0
+    bad_bytes: int = 0
+    backoff_until: float = 0.0  # after transport failures: wait before asking again
+    penalty_until: float = 0.0  # after bad bytes: ask others first
+
+
+class PeerScores:
+    """Per-peer transfer health: backoff after failures, penalty after bad bytes."""
+
+    def __init__(self, *, penalty_s: float = 30.0, backoff_s: float = 0.5, max_backoff_s=10.0):
+        self.penalty_s = penalty_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._peers: dict[str, _PeerState] = {}
+
+    def _get(self, peer: str) -> _PeerState:
+        return self._peers.setdefault(peer, _PeerState())
+
+    def ok(self, peer: str) -> None:
+        self._get(peer).failures = 0
+
+    def failed(self, peer: str, now: float) -> None:
+        st = self._get(peer)
+        st.failures += 1
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (st.failures - 1))
+        st.backoff_until = max(st.backoff_until, now + delay)
+
+    def served_bad_bytes(self, peer: str, now: float) -> None:
+        st = self._get(peer)
+        st.bad_bytes += 1
+        st.penalty_until = max(st.penalty_until, now + self.penalty_s)
+
+    def bad_bytes(self, peer: str) -> int:
+        return self._get(peer).bad_bytes
+
+    def ready_in(self, peers: Sequence[str], now: float) -> float:
+        """Seconds until the first of ``peers`` is no longer avoided (0 if one is usable now)."""
+        if not peers:
+            return 0.0
+        return max(0.0, min(self._get(p).backoff_until for p in peers) - now)
+
+    def order(self, peers: Iterable[str], now: float) -> list[str]:
+        """Peers to try, healthy first (fewest bad bytes, then fewest failures); peers that are
+        backed off or penalised come last rather than never (they may be the only holders)."""
+        return sorted(
+            peers,
+            key=lambda p: (
+                self._get(p).penalty_until > now,
+                self._get(p).backoff_until > now,
+                self._get(p).bad_bytes,
+                self._get(p).failures,
+            ),
+        )
+
+
+@dataclass
+class FetchStats:
+    objects: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    bad_chunks: int = 0
+    resumed_chunks: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    bad_peers: dict[str, int] = field(default_factory=dict)
+
+
+class _NoHolder(Exception):
+    """No peer can serve this object right now."""
+
+
+class _PeerFailed(Exception):
+    """A transport error or a 5xx from one peer (not its fault necessarily: back off)."""
+
+
+#: consecutive failed requests after which a peer is not asked again during one fetch
+MAX_STRIKES = 3
+
+
+class ObjectFetcher:
+    """Fetches missing objects from peers into the store (see the module docstring).
+
+    Args:
+        store: the node's object store.
+        http: the shared outgoing client.
+        peers: returns the current peer base URLs (no trailing slash).
+        auth: the cluster ``httpx.Auth`` signing every request.
+        on_complete: called (in the event loop) with each root that became complete.
+        concurrency: batches in flight per object.
+        batch_bytes: target bytes per chunk-batch request.
+        timeout: seconds per request.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        http: httpx.AsyncClient,
+        peers: Callable[[], Sequence[str]],
+        *,
+        auth: httpx.Auth | None = None,
+        on_complete: Callable[[bytes], None] | None = None,
+        concurrency: int = 4,
+        batch_bytes: int = 4 << 20,
+        timeout: float = 30.0,
+        scores: PeerScores | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.http = http
+        self.peers = peers
+        self.auth = auth
+        self.on_complete = on_complete
+        self.concurrency = concurrency
+        self.batch_bytes = batch_bytes
+        self.timeout = timeout
+        self.scores = scores or PeerScores()
+        self.clock = clock
+        self.stats = FetchStats()
+        self._inflight: dict[bytes, asyncio.Task[bool]] = {}
+        self._closed = False
+
+    # -- public -----------------------------------------------------------------------------
+
+    def ensure(self, roots: Iterable[bytes]) -> list[asyncio.Task[bool]]:
+        """Start a background fetch of every root the store lacks (deduplicated)."""
+        tasks = []
+        for root in roots:
+            if self._closed or self.store.has(root):
+                continue
+            task = self._inflight.get(root)
+            if task is None:
+                task = asyncio.create_task(self._fetch_once(root), name=f"fetch-{root.hex()[:12]}")
+                self._inflight[root] = task
+                task.add_done_callback(lambda _t, r=root: self._inflight.pop(r, None))
+            tasks.append(task)
+        return tasks
+
+    def fetching(self) -> list[bytes]:
+        return list(self._inflight)
+
+    async def fetch(self, root: bytes) -> bool:
+        """Fetch ``root`` (or join the fetch already running); True when it is in the store."""
+        tasks = self.ensure([root])
+        if not tasks:
+            return self.store.has(root)
+        return await tasks[0]
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._inflight.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- the algorithm ----------------------------------------------------------------------
+
+    async def _fetch_once(self, root: bytes) -> bool:
+        t0 = self.clock()
+        short = root.hex()[:12]
+        try:
+            holders = list(self.peers())
+            manifest, holders = await self._manifest(root, holders)
+            partial = await asyncio.to_thread(self.store.begin_partial, manifest)
+            missing = partial.missing()
+            self.stats.resumed_chunks += manifest.num_chunks - len(missing)
+            if missing:
+                await self._chunks(partial, missing, holders)
+            await asyncio.to_thread(partial.complete)
+        except _NoHolder as exc:
+            self.stats.failures += 1
+            log.info("object %s not fetched yet: %s", short, exc)
+            return False
+        except CrdtMergeError as exc:
+            self.stats.failures += 1
+            log.warning("object %s fetch failed: %s [%s]", short, exc.detail, exc.code)
+            return False
+        self.stats.objects += 1
+        self.stats.seconds += self.clock() - t0
+        log.info(
+            "object %s fetched (%d chunks, %.2fs)", short, manifest.num_chunks, self.clock() - t0
+        )
+        if self.on_complete is not None:
+            self.on_complete(root)
+        return True
+
+    async def _manifest(self, root: bytes, peers: list[str]) -> tuple[Manifest, list[str]]:
+        path = f"/v1/replication/objects/{root.hex()}/manifest"
+        holders = []
+        manifest: Manifest | None = None
+        for peer in self.scores.order(peers, self.clock()):
+            try:
+                resp = await self.http.get(peer + path, auth=self.auth, timeout=self.timeout)
+            except (httpx.HTTPError, Unauthorized) as exc:
+                self.scores.failed(peer, self.clock())
+                log.debug("manifest %s from %s: %s", root.hex()[:12], peer, exc)
+                continue
+            if resp.status_code == 404:
+                continue  # the peer does not hold it (yet)
+            if resp.status_code != 200:
+                self.scores.failed(peer, self.clock())
+                continue
+            if manifest is None:
+                try:
+                    manifest = Manifest.from_bytes(resp.content, expected_root=root)
+                except (IntegrityError, InvalidInput, UnsupportedVersion) as exc:
+                    self._bad(peer, f"manifest of {root.hex()[:12]}: {exc.detail}")
+                    continue
+            self.scores.ok(peer)
+            holders.append(peer)
+            if len(holders) >= 3:
+                break  # enough sources; the rest are not asked
+        if manifest is None:
+            raise _NoHolder("no reachable peer holds it")
+        return manifest, holders
+
+    def _bad(self, peer: str, what: str) -> None:
+        self.stats.bad_chunks += 1
+        self.stats.bad_peers[peer] = self.stats.bad_peers.get(peer, 0) + 1
+        self.scores.served_bad_bytes(peer, self.clock())
+        log.warning("peer %s served bad bytes (%s); penalised", peer, what)
+
+    async def _chunks(
+        self, partial: PartialObject, missing: list[ChunkRef], holders: list[str]
+    ) -> None:
+        manifest = partial.manifest
+        pending = deque(plan_batches(manifest, missing, self.batch_bytes))
+        usable = list(holders)  # peers still allowed to serve this object
+        max_attempts = 8 * len(pending) + 16
+        attempts = 0
+        write_lock = asyncio.Lock()
+        inflight: dict[asyncio.Task[int], tuple[str, list[ChunkRef]]] = {}
+        strikes: dict[str, int] = {}
+        try:
+            while pending or inflight:
+                backoff = self.scores.ready_in(usable, self.clock())
+                if backoff > 0 and not inflight and pending:
+                    await asyncio.sleep(min(backoff, 2.0))  # every holder is backed off
+                while pending and usable and len(inflight) < self.concurrency:
+                    attempts += 1
+                    if attempts > max_attempts:
+                        raise _NoHolder(f"gave up after {attempts - 1} batch requests")
+                    ordered = self.scores.order(usable, self.clock())
+                    peer = ordered[attempts % len(ordered)]
+                    batch = pending.popleft()
+                    task = asyncio.create_task(
+                        self._batch(partial, peer, batch, usable, write_lock)
+                    )
+                    inflight[task] = (peer, batch)
+                if not inflight:
+                    raise _NoHolder("every holder failed or served bad bytes")
+                finished, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    peer, batch = inflight.pop(task)
+                    try:
+                        written = task.result()
+                        strikes[peer] = 0
+                    except _PeerFailed:
+                        written = 0
+                        strikes[peer] = strikes.get(peer, 0) + 1
+                        if strikes[peer] >= MAX_STRIKES and peer in usable:
+                            usable.remove(peer)
+                    left = batch[written:]
+                    if left:
+                        pending.append(left)
+        finally:
+            for task in inflight:
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
+
+    async def _batch(
+        self,
+        partial: PartialObject,
+        peer: str,
+        batch: list[ChunkRef],
+        usable: list[str],
+        write_lock: asyncio.Lock,
+    ) -> int:
+        """Fetch one batch from ``peer``; return how many of its leading chunks were written."""
+        manifest = partial.manifest
+        root = manifest.root
+        body = msgpack.packb({"v": CHUNKS_VERSION, "chunks": [list(c) for c in batch]})
+        url = f"{peer}/v1/replication/objects/{root.hex()}/chunks"
+        try:
+            resp = await self.http.post(
+                url,
+                content=body,
+                auth=self.auth,
+                timeout=self.timeout,
+                headers={"content-type": "application/msgpack"},
+            )
+        except Unauthorized as exc:
+            # the answer failed its cluster MAC: altered on the way, or not from a member
+            self._drop(peer, usable, exc.detail)
+            return 0
+        except httpx.HTTPError as exc:
+            self.scores.failed(peer, self.clock())
+            log.debug("chunks of %s from %s: %s", root.hex()[:12], peer, exc)
+            raise _PeerFailed(str(exc)) from exc
+        if resp.status_code == 404:
+            if peer in usable:
+                usable.remove(peer)
+            return 0
+        if resp.status_code != 200:
+            self.scores.failed(peer, self.clock())
+            raise _PeerFailed(f"HTTP {resp.status_code}")
+        data = resp.content
+        sizes = [manifest.chunk_span(*ref)[1] for ref in batch]
+        if len(data) != sum(sizes):
+            self._drop(peer, usable, f"batch of {len(data)} bytes, expected {sum(sizes)}")
+            return 0
+        written = 0
+        pos = 0
+        view = memoryview(data)
+        for ref, n in zip(batch, sizes, strict=True):
+            try:
+                async with write_lock:
+                    await asyncio.to_thread(
+                        partial.write_chunk, ref[0], ref[1], view[pos : pos + n]
+                    )
+            except IntegrityError as exc:
+                self._drop(peer, usable, exc.detail)
+                return written
+            except NotFound as exc:
+                raise RemoteProtocolError(f"chunk plan does not match manifest: {exc}") from exc
+            pos += n
+            written += 1
+            self.stats.chunks += 1
+            self.stats.bytes += n
+        self.scores.ok(peer)
+        return written
+
+    def _drop(self, peer: str, usable: list[str], what: str) -> None:
+        self._bad(peer, what)
+        if peer in usable:
+            usable.remove(peer)
