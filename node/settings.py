@@ -30,6 +30,7 @@ class Settings:
         data_dir: holds ``node.sqlite3`` (state, epochs, peers) and ``objects/`` (the store).
         host, port: where uvicorn listens.
         peers: peer base URLs (replication; used by the gossip driver).
+        advertise_url: the URL peers should use for this node (default: from host and port).
         token: Bearer token for write endpoints; None = writes are open (a warning is logged).
         read_token: Bearer token for read endpoints; None = reads are open.
         cluster_secret: shared secret for node-to-node replication routes.
@@ -47,6 +48,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8470
     peers: tuple[str, ...] = ()
+    advertise_url: str | None = None
     token: str | None = None
     read_token: str | None = None
     cluster_secret: str | None = None
