@@ -27,9 +27,11 @@ elements), and no fused kernel (``lerp``, ``add(alpha=)``, ``addcmul``) is used.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InvalidRecipe
@@ -46,6 +48,7 @@ __all__ = [
     "l1_norm",
     "magnitude_key",
     "magnitude_mask",
+    "magnitude_topk",
     "ordered_sum",
     "outlier_mask",
     "random_mask",
@@ -141,6 +144,64 @@ def _kth_largest_key(keys: torch.Tensor, k: int) -> tuple[int, int, int]:
     return prefix, above, equal
 
 
+_LITTLE = sys.byteorder == "little"
+
+
+def _magnitude_kth_float32(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """Radix select of the k-th largest ``|x|`` of a contiguous float32 tensor, without ``abs``.
+
+    Level 1 histograms the high 16 bits of every element (sign folded away) straight from a
+    strided int16 view; level 2 histograms the low 16 bits of the few elements in the chosen
+    bucket. No full-size float temporaries are allocated.
+
+    Returns:
+        ``(threshold, above, equal)``: the k-th largest magnitude as a 0-d float32 tensor, how
+        many magnitudes are strictly greater, and how many are equal to it.
+    """
+    flat = x.reshape(-1)
+    hi = flat.view(torch.int16)[1::2]
+    raw = np.bincount(hi.numpy().view(np.uint16), minlength=1 << 16)
+    counts = raw[: 1 << 15] + raw[1 << 15 :]
+    from_top = np.cumsum(counts[::-1])
+    j = int(np.searchsorted(from_top, k))
+    d = (1 << 15) - 1 - j
+    above = int(from_top[j]) - int(counts[d])
+    rank = k - above
+    in_bucket = (hi == d) | (hi == d - (1 << 15))
+    low = flat.view(torch.int32)[in_bucket] & _DIGIT_MASK
+    counts2 = np.bincount(low.numpy(), minlength=1 << 16)
+    from_top2 = np.cumsum(counts2[::-1])
+    j2 = int(np.searchsorted(from_top2, rank))
+    lo = _DIGIT_MASK - j2
+    above += int(from_top2[j2]) - int(counts2[lo])
+    key = (d << 16) | lo
+    threshold = torch.tensor([key], dtype=torch.int32).view(torch.float32)[0]
+    return threshold, above, int(counts2[lo])
+
+
+def magnitude_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep mask of exactly ``k`` entries of ``x`` by ``|x|`` (same order as :func:`topk_mask`).
+
+    Equivalent to ``topk_mask(x.abs(), k)``; float32 tensors take a faster path that never
+    materialises ``|x|`` (``-0.0`` counts as a zero magnitude).
+    """
+    n = x.numel()
+    if k >= n:
+        return torch.ones(x.shape, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros(x.shape, dtype=torch.bool)
+    if x.dtype != torch.float32 or not _LITTLE or not x.is_contiguous():
+        return topk_mask(x.abs(), k)
+    t, above, equal = _magnitude_kth_float32(x, k)
+    need = k - above
+    if need == equal:
+        return (x >= t) | (x <= -t)
+    keep = (x > t) | (x < -t)
+    ties = torch.nonzero(((x == t) | (x == -t)).reshape(-1)).reshape(-1)[:need]
+    keep.view(-1)[ties] = True
+    return keep
+
+
 def topk_count(n: int, density: float) -> int:
     """mergekit's ``k`` for a density: ``int(density * n)``, at least 1 when density > 0."""
     if density <= 0.0:
@@ -186,7 +247,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     """
     if density >= 1.0:
         return None
-    return topk_mask(delta.abs(), topk_count(delta.numel(), density))
+    return magnitude_topk(delta, topk_count(delta.numel(), density))
 
 
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
@@ -209,10 +270,9 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
-    score = delta.abs()
-    keep = topk_mask(score, n - n_bot)
+    keep = magnitude_topk(delta, n - n_bot)
     if n_top > 0:
-        keep &= ~topk_mask(score, n_top)
+        keep &= ~magnitude_topk(delta, n_top)
     return keep
 
 
@@ -263,7 +323,7 @@ def apply_mask(
     if mask is None:
         return delta
     before = l1_norm(delta) if rescale == "l1" else 0.0
-    delta.mul_(mask)
+    delta.masked_fill_(~mask, 0.0)
     if rescale == "l1":
         after = l1_norm(delta)
         if before >= eps and after >= eps:
@@ -287,20 +347,22 @@ def elect_sign(weighted: Sequence[torch.Tensor], method: str) -> torch.Tensor:
     """mergekit ``get_mask`` majority sign: +1 where the vote is >= 0, else -1.
 
     ``method="sum"``: the vote is the sum of the (weighted) deltas; ``"count"``: the sum of
-    their signs. Returns a tensor of +1/-1 in the compute dtype.
+    their signs. Returns a new tensor of +1/-1 in the compute dtype.
     """
     if method == "sum":
         vote = ordered_sum(weighted)
     elif method == "count":
-        vote = ordered_sum([torch.sign(w) for w in weighted])
+        vote = torch.sign(weighted[0])
+        for w in weighted[1:]:
+            vote.add_(torch.sign(w))
     else:
         raise InvalidRecipe(f"sign_method must be 'sum' or 'count', got {method!r}")
-    one = torch.ones((), dtype=vote.dtype)
-    return torch.where(vote >= 0, one, -one)
+    vote.sign_()
+    return vote.masked_fill_(vote == 0, 1.0)
 
 
 def combine(
-    base: torch.Tensor,
+    base: torch.Tensor | None,
     deltas: list[torch.Tensor],
     weights: Sequence[float],
     *,
@@ -315,7 +377,7 @@ def combine(
     whose sign equals the elected sign (zeros never agree) and the divisor is the element-wise
     sum of the agreeing weights (0 replaced by 1); without it the divisor is ``sum w_i``
     (replaced by 1 when ``|sum| < 1e-8``). Then ``/ divisor`` if ``normalize``, ``* lambda``,
-    ``+ base``.
+    ``+ base`` (``base=None`` returns the merged task vector itself).
 
     The agreeing entries are summed as magnitudes ``max(w_i delta_i * s, 0)`` (``s`` the
     elected sign, +1/-1) and multiplied by ``s`` at the end: IEEE rounding is symmetric in the
@@ -330,22 +392,36 @@ def combine(
         weighted.append(d)
     if consensus is not None:
         majority = elect_sign(weighted, consensus)
-        unit = all(w == 1.0 for w in weights)
-        mixed: torch.Tensor | None = None
+        # unit weights: count the agreeing contributions in uint8 (bool viewed as uint8 adds
+        # in place without a promoted temporary); counts are small exact integers, so the
+        # divisor equals the float sum of the agreeing 1.0 weights bit for bit.
+        unit = len(weights) < 256 and all(w == 1.0 for w in weights)
+        count: torch.Tensor | None = None
         divisor: torch.Tensor | None = None
+        scratch: torch.Tensor | None = None
+        mixed: torch.Tensor | None = None
         for wd, w in zip(weighted, weights, strict=True):
-            wd *= majority
-            wd.clamp_(min=0.0)
-            mixed = wd if mixed is None else mixed.add_(wd)
+            wd.mul_(majority).clamp_(min=0.0)
             if normalize:
-                share = torch.sign(wd) if unit else torch.sign(wd).mul_(w)
-                divisor = share if divisor is None else divisor.add_(share)
+                agree = wd > 0
+                if unit:
+                    if count is None:
+                        count = torch.zeros(wd.shape, dtype=torch.uint8)
+                    count.add_(agree.view(torch.uint8))
+                else:
+                    if scratch is None:
+                        scratch = torch.empty_like(wd)
+                    scratch.copy_(agree).mul_(w)
+                    divisor = scratch.clone() if divisor is None else divisor.add_(scratch)
+            mixed = wd if mixed is None else mixed.add_(wd)
         if mixed is None:
             raise InvalidRecipe("a merge needs at least one contribution")
-        mixed *= majority
-        if divisor is not None:
+        mixed.mul_(majority)
+        if count is not None:
+            mixed.div_(count.clamp_(min=1).to(mixed.dtype))
+        elif divisor is not None:
             divisor.masked_fill_(divisor == 0, 1.0)
-            mixed /= divisor
+            mixed.div_(divisor)
     else:
         mixed = ordered_sum(weighted)
         if normalize:
@@ -357,7 +433,7 @@ def combine(
             mixed /= total
     if lambda_ != 1.0:
         mixed *= lambda_
-    return mixed.add_(base)
+    return mixed if base is None else mixed.add_(base)
 
 
 # --------------------------------------------------------------- whole-model ("global") top-k
