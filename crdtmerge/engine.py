@@ -31,6 +31,7 @@ import os
 import shutil
 import threading
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -283,9 +284,10 @@ class _Runner:
     def _load(
         self, source: TensorSource, name: str, dtype: torch.dtype, label: str
     ) -> torch.Tensor:
-        t = source.tensor(name)
-        t = t.to(device=self.device, dtype=dtype)
-        if not bool(torch.isfinite(t).all()):
+        t = source.tensor(name).to(device=self.device, dtype=dtype)
+        # NaN/Inf policy: reject. A sum is one cheap pass and is non-finite whenever an element
+        # is; only then (or on an overflowing sum) is the exact element-wise test run.
+        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             raise InvalidInput(
                 f"tensor {name!r} in {label} contains NaN or Inf; inputs must be finite"
             )
@@ -298,10 +300,10 @@ class _Runner:
             if plan.base is not None
             else None
         )
-        inputs = [
-            self._load(c.source, tp.name, tp.compute_dtype, f"contribution {c.root.hex()[:16]}")
-            for c in plan.contributions
-        ]
+        inputs = _LazyInputs(
+            [(c.source, f"contribution {c.root.hex()[:16]}") for c in plan.contributions],
+            lambda src, label: self._load(src, tp.name, tp.compute_dtype, label),
+        )
         side = [
             {
                 kind: self._load(
@@ -352,6 +354,49 @@ class _Runner:
             s for _, s in self._ordered(floats, lambda tp: spec.observe(self._task(tp, None)))
         ]
         return spec.reduce(summaries, dict(self.plan.global_params))
+
+
+class _LazyInputs(Sequence[torch.Tensor]):
+    """The contributions' tensors for one name, loaded (and upcast) on access.
+
+    A strategy that walks the inputs one at a time (a running sum, ``task.deltas()``) then
+    holds one upcast input at a time instead of all of them. An input still referenced by the
+    strategy is handed back without a reload (weak cache); otherwise it is read again from the
+    memory-mapped source, which gives the same values.
+    """
+
+    def __init__(
+        self,
+        items: list[tuple[TensorSource, str]],
+        load: Callable[[TensorSource, str], torch.Tensor],
+        indices: range | None = None,
+    ) -> None:
+        self._items = items
+        self._load = load
+        self._indices = range(len(items)) if indices is None else indices
+        self._cache: dict[int, weakref.ref[torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def _get(self, i: int) -> torch.Tensor:
+        ref = self._cache.get(i)
+        t = ref() if ref is not None else None
+        if t is None:
+            t = self._load(*self._items[i])
+            self._cache[i] = weakref.ref(t)
+        return t
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def, override]
+        if isinstance(index, slice):
+            view = _LazyInputs(self._items, self._load, self._indices[index])
+            view._cache = self._cache
+            return view
+        return self._get(self._indices[index])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in self._indices:
+            yield self._get(i)
 
 
 class _torch_threads:
