@@ -13,11 +13,17 @@ Write paths, in the order that keeps the promises of DESIGN §3/§5:
   and committed before the answer.
 - **remove**: observed-remove of a live root, committed before the answer.
 
-All state transitions go through :class:`~node.state.ReplicaState` (the swap point for the
-sans-I/O replica core) under one ``asyncio.Lock``; blocking work (SQLite, hashing, fsync, the
-engine) runs in threads. After a change the runtime calls every change listener: the merge
-worker, and later the gossip driver (``add_listener``), so replication can be added without
-touching the write paths.
+All state transitions belong to the sans-I/O replica core (:class:`crdtmerge.replica.Replica`):
+the runtime turns requests into core events and executes the returned effects in order
+(:meth:`NodeRuntime.handle`, one ``asyncio.Lock``): ``Persist``/``PersistEpoch`` are committed
+to SQLite (fsynced) before the next effect, ``Ack`` answers the request, ``DigestChanged``
+wakes the merge worker and the change listeners, and ``Send``/``FetchObjects`` go to the
+handlers registered by the replication driver (:meth:`on_send`, :meth:`on_fetch`; without one
+they are dropped). Blocking work (SQLite, hashing, fsync, the engine) runs in threads.
+
+A replication driver needs only: ``runtime.replica`` (the core, for ``Tick`` and received
+messages through :meth:`handle`), ``runtime.store`` (``read_chunk``, ``begin_partial``), the
+injected ``runtime.http`` client, and :meth:`object_stored` after a fetched object completes.
 """
 
 from __future__ import annotations
@@ -41,12 +47,29 @@ from crdtmerge.errors import (
     TooLarge,
 )
 from crdtmerge.recipe import Recipe
+from crdtmerge.replica import (
+    Ack,
+    AddContribution,
+    DigestChanged,
+    Effect,
+    Event,
+    FetchObjects,
+    ObjectsPresent,
+    ObjectStored,
+    Persist,
+    PersistEpoch,
+    RemoveContribution,
+    Replica,
+    Send,
+    SetRecipe,
+)
 from crdtmerge.store import IngestLimits, ObjectStore, Prepared
+from crdtmerge.tensors import TensorSource
 
 from .db import Database
 from .metrics import Metrics
 from .settings import Settings
-from .state import MergeSnapshot, Pending, ReplicaState
+from .state import MergeSnapshot, snapshot
 from .worker import MergeOutcome, MergeWorker
 
 __all__ = ["MergeStatus", "NodeRuntime", "UploadResult", "check_merge_name", "parse_root_hex"]
@@ -58,6 +81,8 @@ _ROOT_RE = re.compile(r"^[0-9a-f]{64}$")
 _WRITE_BATCH = 4 << 20
 
 ChangeListener = Callable[[str], None]
+SendHandler = Callable[[Send], None]
+FetchHandler = Callable[[FetchObjects], None]
 
 
 def check_merge_name(name: str) -> str:
@@ -95,6 +120,8 @@ class MergeStatus:
     merged_hash: bytes | None
     error: str | None = None
     detail: str | None = None
+    peers_agreeing: tuple[str, ...] = ()
+    peers_differing: tuple[str, ...] = ()
 
 
 class NodeRuntime:
@@ -112,12 +139,14 @@ class NodeRuntime:
         self._owns_http = http is None
         self._lock = asyncio.Lock()
         self._listeners: list[ChangeListener] = []
+        self._send_handlers: list[SendHandler] = []
+        self._fetch_handlers: list[FetchHandler] = []
         self.ready = False
         self.replica_id = ""
         self.epoch = 0
         self.store: ObjectStore
         self.db: Database
-        self.state: ReplicaState
+        self.replica: Replica
         self.worker: MergeWorker
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -131,15 +160,17 @@ class NodeRuntime:
             self.db.start_incarnation, s.replica_id
         )
         docs = await asyncio.to_thread(self.db.load_documents)
-        self.state = ReplicaState.load(self.replica_id, self.epoch, docs)
+        self.replica = Replica.restore(self.replica_id, self.epoch, docs)
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
         self.worker = MergeWorker(self, debounce=s.merge_debounce_s, enabled=s.merge_enabled)
         self._listeners.insert(0, self.worker.notify)
         self.worker.start()
-        for name in self.state.names():
+        objects = await asyncio.to_thread(self.store.list)
+        await self.handle(ObjectsPresent(frozenset(objects)))
+        for name in self.merge_names():
             self.worker.notify(name)
-        self.metrics.objects.set(len(self.store.list()))
+        self.metrics.objects.set(len(objects))
         self.ready = True
         log.info(
             "node started",
@@ -147,7 +178,7 @@ class NodeRuntime:
                 "replica": self.replica_id,
                 "epoch": self.epoch,
                 "data_dir": str(s.data_dir),
-                "merges": len(self.state.names()),
+                "merges": len(self.merge_names()),
             },
         )
 
@@ -166,29 +197,71 @@ class NodeRuntime:
         return self._http
 
     def add_listener(self, listener: ChangeListener) -> None:
-        """Call ``listener(merge_name)`` after every committed change of a merge."""
+        """Call ``listener(merge_name)`` when a merge's digest or completeness changed."""
         self._listeners.append(listener)
 
+    def on_send(self, handler: SendHandler) -> None:
+        """Deliver the core's ``Send`` effects (best effort; must not block)."""
+        self._send_handlers.append(handler)
+
+    def on_fetch(self, handler: FetchHandler) -> None:
+        """Deliver the core's ``FetchObjects`` effects (must not block)."""
+        self._fetch_handlers.append(handler)
+
+    # -- the driver -------------------------------------------------------------------------
+
+    async def handle(self, event: Event) -> list[Ack]:
+        """Feed one event to the replica core and execute its effects in order.
+
+        Returns the ``Ack`` effects (for local requests). Raises what the core raises (bad
+        request, bad peer message: nothing changed) or StorageError if a Persist fails (the
+        remaining effects, including the Ack, are not executed).
+        """
+        async with self._lock:
+            return await self._execute(self.replica.handle(event))
+
+    async def _execute(self, effects: list[Effect]) -> list[Ack]:
+        acks: list[Ack] = []
+        for effect in effects:
+            if isinstance(effect, Persist):
+                await asyncio.to_thread(self.db.save_documents, dict(effect.documents))
+                self.metrics.state_writes_total.inc()
+            elif isinstance(effect, PersistEpoch):
+                await asyncio.to_thread(self.db.set_meta, "epoch", str(effect.epoch))
+                self.epoch = effect.epoch
+                log.warning("stale incarnation detected: moved to epoch %d", effect.epoch)
+            elif isinstance(effect, Ack):
+                acks.append(effect)
+            elif isinstance(effect, DigestChanged):
+                self._changed(effect.merge)
+            elif isinstance(effect, Send):
+                for send in self._send_handlers:
+                    send(effect)
+            elif isinstance(effect, FetchObjects):
+                for fetch in self._fetch_handlers:
+                    fetch(effect)
+        return acks
+
+    async def object_stored(self, root: bytes) -> None:
+        """An object became complete in the store (upload, merge output, replication)."""
+        await self.handle(ObjectStored(root))
+
     def _changed(self, name: str) -> None:
-        snap = self.state.snapshot(name)
-        self.metrics.live_contributions.labels(merge=name).set(len(snap.roots))
+        self.metrics.live_contributions.labels(merge=name).set(len(self.snapshot(name).roots))
         for listener in self._listeners:
             listener(name)
 
     # -- reads ------------------------------------------------------------------------------
 
     def merge_names(self) -> list[str]:
-        return self.state.names()
+        return self.replica.state.names()
 
     def snapshot(self, name: str) -> MergeSnapshot:
-        return self.state.snapshot(name)
+        return snapshot(self.replica.state, name)
 
     def missing(self, snap: MergeSnapshot) -> list[bytes]:
         """Roots the merge needs (live contributions and the base) that the store lacks."""
-        needed = list(snap.roots)
-        if snap.recipe is not None and snap.recipe.base is not None:
-            needed.append(snap.recipe.base)
-        return sorted({r for r in needed if not self.store.has(r)})
+        return self.replica.missing_roots(snap.name)
 
     async def merged_root_for(self, digest: bytes) -> bytes | None:
         root = await asyncio.to_thread(self.db.merged_root, digest)
@@ -198,10 +271,11 @@ class NodeRuntime:
 
     async def status(self, name: str) -> MergeStatus:
         check_merge_name(name)
-        if name not in self.state.names():
+        if name not in self.replica.state:
             raise NotFound(f"no merge named {name!r} on this node")
-        snap = self.state.snapshot(name)
-        missing = tuple(self.missing(snap))
+        core = self.replica.status(name)
+        snap = self.snapshot(name)
+        missing = core.missing_roots
         merged: bytes | None = None
         outcome: MergeOutcome | None = None
         if snap.recipe is None:
@@ -225,14 +299,16 @@ class NodeRuntime:
             merged_hash=merged if state == "ready" else None,
             error=outcome.error if outcome else None,
             detail=outcome.detail if outcome else None,
+            peers_agreeing=core.peers_agreeing,
+            peers_differing=core.peers_differing,
         )
 
     def contributions(self, name: str) -> list[dict[str, Any]]:
         check_merge_name(name)
-        if name not in self.state.names():
+        if name not in self.replica.state:
             raise NotFound(f"no merge named {name!r} on this node")
         out = []
-        for root in self.state.snapshot(name).roots:
+        for root in self.snapshot(name).roots:
             present = self.store.has(root)
             out.append(
                 {
@@ -273,13 +349,11 @@ class NodeRuntime:
     async def set_recipe(self, name: str, body: Any) -> MergeStatus:
         check_merge_name(name)
         recipe = Recipe.from_dict(body).validated()
-        async with self._lock:
-            await self._apply(self.state.set_recipe(name, recipe))
+        await self.handle(SetRecipe(name, recipe))
         log.info(
             "recipe set",
             extra={"merge": name, "strategy": recipe.strategy, "recipe": recipe.hash().hex()[:12]},
         )
-        self._changed(name)
         return await self.status(name)
 
     async def add_contribution(
@@ -295,10 +369,13 @@ class NodeRuntime:
             await asyncio.to_thread(self.store.discard, prepared)
             raise
         root = prepared.root
+        await self.object_stored(root)
         async with self._lock:
-            pending = self.state.add(name, root)
-            await self._apply(pending)
-        added = pending.changed
+            # a root that is already live is not re-added (that would mint a new dot for
+            # nothing); otherwise the core adds it and the Ack comes after the Persist
+            added = root not in self.replica.state.get(name).contributions
+            if added:
+                await self._execute(self.replica.handle(AddContribution(name, root)))
         self.metrics.uploads_total.labels(kind="contribution", result="ok").inc()
         if created_obj:
             self.metrics.objects.inc()
@@ -307,8 +384,6 @@ class NodeRuntime:
             "added" if added else "already live",
             extra={"merge": name, "root": root.hex()[:16], "bytes": prepared.size},
         )
-        if added:
-            self._changed(name)
         return UploadResult(root=root, created=added, size=prepared.size)
 
     async def put_object(
@@ -324,39 +399,17 @@ class NodeRuntime:
         if created:
             self.metrics.objects.inc()
             log.info("object stored", extra={"root": prepared.root.hex()[:16]})
-            # an object may complete a merge (e.g. its base)
-            for name in self.state.names():
-                self._changed(name)
+        await self.object_stored(prepared.root)  # it may complete a merge (e.g. its base)
         return UploadResult(root=prepared.root, created=created, size=prepared.size)
 
     async def remove_contribution(self, name: str, root_hex: str) -> MergeStatus:
         check_merge_name(name)
         root = parse_root_hex(root_hex)
-        async with self._lock:
-            if name not in self.state.names() or not self.state.contains(name, root):
-                raise NotFound(f"{root_hex} is not a live contribution of merge {name!r}")
-            await self._apply(self.state.remove(name, root))
+        acks = await self.handle(RemoveContribution(name, root))
+        if not acks or not acks[0].changed:
+            raise NotFound(f"{root_hex} is not a live contribution of merge {name!r}")
         log.info("contribution removed", extra={"merge": name, "root": root_hex[:16]})
-        self._changed(name)
         return await self.status(name)
-
-    async def _apply(self, pending: Pending) -> None:
-        """Persist (fsynced) a transition, then make it visible. Call with the lock held."""
-        if not pending.changed:
-            return
-        await asyncio.to_thread(self.db.save_documents, pending.encoded)
-        self.state.commit(pending)
-        self.metrics.state_writes_total.inc()
-
-    async def join_document(self, name: str, remote: Any) -> bool:
-        """Join a peer's document for ``name`` (replication); True if the state changed."""
-        check_merge_name(name)
-        async with self._lock:
-            pending = self.state.join_document(name, remote)
-            await self._apply(pending)
-        if pending.changed:
-            self._changed(name)
-        return pending.changed
 
     # -- uploads ----------------------------------------------------------------------------
 
@@ -378,7 +431,6 @@ class NodeRuntime:
                 async for chunk in body:
                     size += len(chunk)
                     if size > limit:
-                        self.metrics.uploads_total.labels(kind=kind, result="too_large").inc()
                         raise TooLarge(f"the upload exceeds this node's limit of {limit} bytes")
                     buf += chunk
                     if len(buf) >= _WRITE_BATCH:
@@ -398,17 +450,15 @@ class NodeRuntime:
                 max_tensors=self.settings.max_tensors,
             )
             return await asyncio.to_thread(self.store.prepare, tmp, limits)
-        except BaseException:
+        except BaseException as exc:
             await asyncio.to_thread(_unlink, tmp)
-            if kind:
-                self.metrics.uploads_total.labels(kind=kind, result="rejected").inc()
+            result = "too_large" if isinstance(exc, TooLarge) else "rejected"
+            self.metrics.uploads_total.labels(kind=kind, result=result).inc()
             raise
 
     def _check_compatible(self, name: str, prepared: Prepared) -> None:
         """A contribution must have the base's tensor names and shapes (blocking)."""
-        if name not in self.state.names():
-            return
-        recipe = self.state.snapshot(name).recipe
+        recipe = self.snapshot(name).recipe
         if recipe is None or recipe.base is None or not self.store.has(recipe.base):
             return
         base = self.store.tensor_schema(recipe.base)
@@ -422,21 +472,29 @@ class NodeRuntime:
         from crdtmerge.engine import Contribution, merge
 
         assert snap.recipe is not None
-        contributions = [
-            Contribution(root=r, source=self.store.open(r), metadata=self.store.metadata(r))
-            for r in snap.roots
-        ]
-        base = self.store.open(snap.recipe.base) if snap.recipe.base is not None else None
+        sources: list[TensorSource] = []
         out = self.store.temp_path("merge", suffix=".safetensors")
         try:
-            result = merge(snap.recipe, contributions, base=base, out=out, threads=None)
+            contributions = []
+            for r in snap.roots:
+                sources.append(self.store.open(r))
+                contributions.append(Contribution(r, sources[-1], self.store.metadata(r)))
+            base = None
+            if snap.recipe.base is not None:
+                base = self.store.open(snap.recipe.base)
+                sources.append(base)
+            result = merge(snap.recipe, contributions, base=base, out=out)
             self.store.adopt(out, result.manifest)
         finally:
+            for src in sources:
+                src.close()
             _unlink(out)
         return result.root
 
     async def record_merged(self, name: str, digest: bytes, root: bytes) -> None:
+        """Remember ``digest -> merged root`` (fsynced), so a restart does not recompute."""
         await asyncio.to_thread(self.db.record_merged, digest, name, root)
+        await self.object_stored(root)
 
 
 def check_against_base(

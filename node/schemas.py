@@ -52,6 +52,10 @@ class MergeStatusOut(BaseModel):
     merged_hash: str | None = Field(description="the merged model's root once ready")
     error: str | None = None
     detail: str | None = None
+    peers_agreeing: list[str] = Field(
+        default_factory=list, description="peers whose last reported digest equals ours"
+    )
+    peers_differing: list[str] = Field(default_factory=list)
 
 
 class MergeList(BaseModel):

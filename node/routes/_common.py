@@ -63,4 +63,6 @@ def status_out(s: MergeStatus) -> MergeStatusOut:
         merged_hash=s.merged_hash.hex() if s.merged_hash is not None else None,
         error=s.error,
         detail=s.detail,
+        peers_agreeing=list(s.peers_agreeing),
+        peers_differing=list(s.peers_differing),
     )
