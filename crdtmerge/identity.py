@@ -404,12 +404,19 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, expected_root: bytes | None = None) -> Manifest:
-        """Decode :meth:`to_bytes` output; with ``expected_root``, also :meth:`verify` it.
+        """Decode :meth:`to_bytes` output and :meth:`verify` it.
+
+        Args:
+            data: the encoded manifest.
+            expected_root: when given, the root the manifest must have (the one asked for).
+
+        Returns:
+            A manifest whose entries hash to its root.
 
         Raises:
             InvalidInput: not a manifest, malformed, or not in canonical form.
             UnsupportedVersion: a manifest format version this code does not know.
-            IntegrityError: (with ``expected_root``) it does not verify.
+            IntegrityError: it does not hash to its root, or not to ``expected_root``.
         """
         try:
             obj = canonical_unpack(bytes(data))
@@ -429,8 +436,7 @@ class Manifest:
             raise InvalidInput(f"malformed crdtmerge manifest: {exc}") from None
         if canonical != bytes(data):
             raise InvalidInput("crdtmerge manifest is not in canonical form")
-        if expected_root is not None:
-            manifest.verify(expected_root)
+        manifest.verify(expected_root)
         return manifest
 
     @classmethod
@@ -511,6 +517,7 @@ def verify_chunk(
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_fork_hook = False
 
 
 def _workers() -> int:
@@ -520,10 +527,21 @@ def _workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _forget_pool() -> None:
+    """After ``fork`` the child has no pool threads: start a fresh pool on next use."""
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
 def _hash_pool() -> ThreadPoolExecutor:
-    global _pool
+    """The shared hashing pool, created on first use (no threads at import time)."""
+    global _pool, _fork_hook
     with _pool_lock:
         if _pool is None:
+            if not _fork_hook and hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=_forget_pool)
+                _fork_hook = True
             _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="crdtmerge-hash")
         return _pool
 

@@ -55,6 +55,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "SINGLE_FILENAME",
     "DType",
+    "SafetensorsHeader",
     "StreamingWriter",
     "TensorInfo",
     "TensorSource",
@@ -62,6 +63,7 @@ __all__ = [
     "dtype_code",
     "itemsize",
     "open_tensors",
+    "parse_header",
     "tensor_bytes",
     "torch_dtype",
     "write_tensors",
@@ -414,8 +416,16 @@ class _FileSource(TensorSource):
 
 
 @dataclass(frozen=True)
-class _Header:
-    tensors: dict[str, tuple[TensorInfo, int]]  # name -> (info, begin offset in data region)
+class SafetensorsHeader:
+    """A validated safetensors header.
+
+    Attributes:
+        tensors: name -> (info, offset of its first byte within the data region).
+        metadata: the ``__metadata__`` map.
+        data_start: file offset of the data region (``8 + header length``).
+    """
+
+    tensors: dict[str, tuple[TensorInfo, int]]
     metadata: dict[str, str]
     data_start: int
 
@@ -432,7 +442,7 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_header(fd: int, size: int, label: str) -> _Header:
+def _read_header(fd: int, size: int, label: str) -> SafetensorsHeader:
     if size < 8:
         raise InvalidTensorFile(
             f"{label}: file is {size} bytes, shorter than the 8-byte header length; "
@@ -470,8 +480,16 @@ def _is_uint(value: Any) -> bool:
     return type(value) is int and 0 <= value < 2**64
 
 
-def parse_header(raw: bytes, data_len: int, label: str = "safetensors header") -> _Header:
+def parse_header(raw: bytes, data_len: int, label: str = "safetensors header") -> SafetensorsHeader:
     """Validate a safetensors JSON header against a data region of ``data_len`` bytes.
+
+    Args:
+        raw: the header bytes (after the 8-byte length prefix).
+        data_len: the size of the data region that follows the header.
+        label: names the file in error messages.
+
+    Returns:
+        The validated :class:`SafetensorsHeader`.
 
     Raises:
         InvalidTensorFile: with a message naming the file, the tensor and the problem.
@@ -522,7 +540,7 @@ def parse_header(raw: bytes, data_len: int, label: str = "safetensors header") -
             f"{label}: tensors cover {position} bytes but the data region is {data_len} bytes; "
             "the file has trailing bytes"
         )
-    return _Header(tensors, dict(metadata), 8 + len(raw))
+    return SafetensorsHeader(tensors, dict(metadata), 8 + len(raw))
 
 
 def _check_file_text(text: str, label: str, what: str) -> None:
@@ -578,8 +596,12 @@ def _parse_index(index_path: Path) -> dict[str, list[str]]:
     """shard file name -> tensor names, from a Hugging Face index."""
     label = str(index_path)
     try:
+        if index_path.stat().st_size > MAX_HEADER_BYTES:
+            raise InvalidTensorFile(f"{label}: index is larger than {MAX_HEADER_BYTES} bytes")
         obj = json.loads(index_path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
-    except InvalidTensorFile:
+    except InvalidTensorFile as exc:
+        if exc.detail.startswith(label):
+            raise
         raise InvalidTensorFile(f"{label}: NaN/Infinity are not valid in the index") from None
     except (ValueError, RecursionError) as exc:
         raise InvalidTensorFile(f"{label}: index is not valid JSON: {exc}") from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import multiprocessing.queues
 import struct
 from pathlib import Path
 
@@ -410,3 +412,27 @@ def test_root_text_round_trip() -> None:
             parse_root(bad)
     with pytest.raises(InvalidInput, match="a root is 32 bytes"):
         root_hex(b"x")
+
+
+_FORK_INPUT: dict[str, torch.Tensor] = {}
+
+
+def _hash_in_child(queue: multiprocessing.queues.Queue) -> None:  # type: ignore[type-arg]
+    # no torch kernels in the child: torch's own thread pool is not fork-safe either
+    queue.put(hash_tensors(_FORK_INPUT, chunk_size=512 * 1024).root)
+
+
+def test_hashing_works_after_fork() -> None:
+    """Bug: the shared pool's threads do not survive fork(), so a child's hash hung."""
+    _FORK_INPUT["w"] = torch.arange(1_000_000.0)
+    expected = hash_tensors(_FORK_INPUT, chunk_size=512 * 1024).root  # starts the pool
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_hash_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=30)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "hashing hung in a forked child"
+    assert queue.get(timeout=5) == expected
