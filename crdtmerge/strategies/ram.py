@@ -61,7 +61,10 @@ def ramplus_tl(task: TensorTask) -> torch.Tensor:
     for d, active in zip(deltas, masks, strict=True):
         n_shared = int(torch.count_nonzero(active & overlap))
         n_unique = int(torch.count_nonzero(active & unique))
-        rho = n_shared / max(float(n_unique), eps)
+        denom = max(float(n_unique), eps)
+        # no unique entries and epsilon = 0: the ratio is infinite (0/0 counts as 0)
+        infinite = alpha if n_shared > 0 else 0.0
+        rho = n_shared / denom if denom > 0.0 else infinite
         factor = 1.0 + r * min(max(rho, 0.0), alpha)
         scaled.append(d * factor)
     shared_mean = sp.ordered_sum(deltas)
