@@ -34,6 +34,8 @@ the memory-mapped file; no Python code runs per element.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
 import os
 import struct
@@ -328,6 +330,10 @@ class Manifest:
 
     def names(self) -> list[str]:
         """Tensor names, sorted."""
+        return list(self._names)
+
+    @functools.cached_property
+    def _names(self) -> list[str]:
         return [e.name for e in self.tensors]
 
     def entry(self, name: str) -> TensorEntry:
@@ -336,7 +342,11 @@ class Manifest:
         Raises:
             NotFound: no tensor of that name.
         """
-        for e in self.tensors:
+        names = self._names
+        i = bisect.bisect_left(names, name)
+        if i < len(names) and names[i] == name and self.tensors[i].name == name:
+            return self.tensors[i]
+        for e in self.tensors:  # an unsorted (unverified) manifest: fall back to a scan
             if e.name == name:
                 return e
         raise NotFound(f"object {self.root.hex()[:12]} has no tensor named {name!r}")
