@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from crdtmerge import __version__
 from crdtmerge.errors import CrdtMergeError
 
+from .gossip import Replication
 from .routes import api_router, health
 from .runtime import NodeRuntime
 from .settings import Settings
@@ -53,11 +54,16 @@ def create_app(
         runtime = NodeRuntime(settings, http=http)
         await runtime.start()
         app.state.runtime = runtime
+        # replication (node.gossip): started after the runtime, stopped before it
+        replication = Replication(runtime, settings)
+        app.state.replication = replication
+        await replication.start(loop=bool(settings.extra.get("gossip_loop", True)))
         if on_start is not None:
             on_start(runtime)
         try:
             yield
         finally:
+            await replication.stop()
             await runtime.stop()
 
     app = FastAPI(

@@ -41,6 +41,7 @@ class Settings:
         merge_debounce_s: the digest must be stable this long before a merge starts.
         merge_enabled: run the background merge worker.
         gossip_interval_s: anti-entropy period (for the replication driver).
+        peer_exchange: learn peers of peers (hello messages); configured URLs always win.
         log_level, log_json: logging configuration.
     """
 
@@ -59,6 +60,7 @@ class Settings:
     merge_debounce_s: float = 0.5
     merge_enabled: bool = True
     gossip_interval_s: float = 1.0
+    peer_exchange: bool = True
     log_level: str = "INFO"
     log_json: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)

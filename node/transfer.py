@@ -31,11 +31,13 @@ fetches and returns at once (the gossip driver calls it after every join).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import msgpack
@@ -186,7 +188,7 @@ class ObjectFetcher:
         peers: Callable[[], Sequence[str]],
         *,
         auth: httpx.Auth | None = None,
-        on_complete: Callable[[bytes], None] | None = None,
+        on_complete: Callable[[bytes], Any] | None = None,
         concurrency: int = 4,
         batch_bytes: int = 4 << 20,
         timeout: float = 30.0,
@@ -268,7 +270,9 @@ class ObjectFetcher:
             "object %s fetched (%d chunks, %.2fs)", short, manifest.num_chunks, self.clock() - t0
         )
         if self.on_complete is not None:
-            self.on_complete(root)
+            result = self.on_complete(root)
+            if inspect.isawaitable(result):
+                await result
         return True
 
     async def _manifest(self, root: bytes, peers: list[str]) -> tuple[Manifest, list[str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import merges, objects
+from . import merges, objects, replication
 
 __all__ = ["api_router"]
 
@@ -13,4 +13,5 @@ def api_router() -> APIRouter:
     router = APIRouter(prefix="/v1")
     router.include_router(merges.router)
     router.include_router(objects.router)
+    router.include_router(replication.router)
     return router

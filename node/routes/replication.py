@@ -6,14 +6,14 @@ replayed request gets 401 before any handler runs, and a node without a cluster 
 all of them. Every successful answer is signed back (:func:`signed`), bound to the request's
 nonce, so the caller knows it came from a cluster member.
 
-Anti-entropy (bodies are :mod:`crdtmerge.wire` messages):
+Anti-entropy (see :mod:`node.gossip`):
 
-- ``POST /digest``: a :class:`~crdtmerge.wire.DigestMessage`; the answer is this node's digest
-  or, where documents differ, an :class:`~crdtmerge.wire.IndexMessage`;
-- ``POST /index``: an ``IndexMessage``; the receiver joins and persists (fsync) before it
-  answers, and answers with the documents the sender asked for;
-- ``POST /changed``: a :class:`~crdtmerge.wire.ChangedNotice`; answered at once (204), the
-  receiver pulls from the sender in the background.
+- ``POST /messages``: one :mod:`crdtmerge.wire` message (digest, changed notice or index). The
+  replica core handles it (a join is persisted, fsynced, before the answer leaves) and the
+  answer is a msgpack array of the encoded messages the core addressed back to the sender
+  (its digest, or an index of the documents that differ, or nothing);
+- ``POST /hello``: ``{"v": 1, "id", "url", "peers": [[id, url]...]}``, answered in kind:
+  replica ids for configured URLs, and peer exchange.
 
 Objects (see :mod:`node.transfer`):
 
@@ -109,28 +109,20 @@ def signed(request: Request, content: bytes, *, status: int = 200, media_type: s
 # -- anti-entropy ------------------------------------------------------------------------------
 
 
-@router.post("/digest")
-async def digest(request: Request, peer: ClusterPeer) -> Response:
-    """A peer opens an anti-entropy round with its digest."""
+@router.post("/messages")
+async def messages(request: Request, peer: ClusterPeer) -> Response:
+    """One replication message in; the answer is the messages our core addressed back."""
     rep = _replication(request)
-    answer = await rep.handle_digest(request.state.body, peer)
+    answer = await rep.handle_message(request.state.body, peer)
     return signed(request, answer)
 
 
-@router.post("/index")
-async def index(request: Request, peer: ClusterPeer) -> Response:
-    """A peer pushes the documents that differ (and asks for ours); joined before answering."""
+@router.post("/hello")
+async def hello(request: Request, peer: ClusterPeer) -> Response:
+    """A peer introduces itself (replica id, URL, known peers); we answer in kind."""
     rep = _replication(request)
-    answer = await rep.handle_index(request.state.body, peer)
+    answer = await rep.handle_hello(request.state.body, peer)
     return signed(request, answer)
-
-
-@router.post("/changed")
-async def changed(request: Request, peer: ClusterPeer) -> Response:
-    """Best-effort notice that the peer changed; we pull from it in the background."""
-    rep = _replication(request)
-    await rep.handle_changed(request.state.body, peer)
-    return signed(request, b"", status=200)
 
 
 # -- objects -----------------------------------------------------------------------------------
