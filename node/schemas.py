@@ -56,6 +56,10 @@ class MergeStatusOut(BaseModel):
         default_factory=list, description="peers whose last reported digest equals ours"
     )
     peers_differing: list[str] = Field(default_factory=list)
+    converged: bool = Field(
+        default=True,
+        description="every peer heard from reported this digest (true when none was heard)",
+    )
 
 
 class MergeList(BaseModel):

@@ -65,4 +65,5 @@ def status_out(s: MergeStatus) -> MergeStatusOut:
         detail=s.detail,
         peers_agreeing=list(s.peers_agreeing),
         peers_differing=list(s.peers_differing),
+        converged=not s.peers_differing,
     )
