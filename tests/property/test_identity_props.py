@@ -53,7 +53,7 @@ def _raw(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-@settings(max_examples=60)
+@settings(max_examples=40)
 @given(ts=tensor_sets(), chunk=st.integers(1, 40), shard=st.integers(1, 200))
 def test_root_is_the_same_for_every_layout(
     ts: dict[str, torch.Tensor], chunk: int, shard: int
@@ -115,7 +115,7 @@ VALID = _valid_file()
 HEADER_END = 8 + struct.unpack("<Q", VALID[:8])[0]
 
 
-@settings(max_examples=300)
+@settings(max_examples=200)
 @given(
     edits=st.lists(
         st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=6
