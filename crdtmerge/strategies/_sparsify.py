@@ -129,9 +129,10 @@ def _kth_largest_key(keys: torch.Tensor, k: int) -> tuple[int, int, int]:
     equal = 0
     for level, shift in enumerate(shifts):
         digits = (cand >> shift) & _DIGIT_MASK if shift else cand & _DIGIT_MASK
-        counts = torch.bincount(digits, minlength=1 << _DIGIT)
-        from_top = counts.flip(0).cumsum(0)  # from_top[j] = #digits >= (65535 - j)
-        j = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype))[0])
+        # small histograms in numpy: torch launches thread-pool work even for 65536 bins
+        counts = np.bincount(digits.numpy(), minlength=1 << _DIGIT)
+        from_top = np.cumsum(counts[::-1])  # from_top[j] = #digits >= (65535 - j)
+        j = int(np.searchsorted(from_top, rank))
         d = _DIGIT_MASK - j
         n_d = int(counts[d])
         greater = int(from_top[j]) - n_d
@@ -476,16 +477,16 @@ def threshold_from_histograms(parts: Sequence[dict[str, Any]]) -> int:
     kept, so slightly more than ``k`` survive (the bucket of the k-th value is kept whole, as
     the paper's ``>=`` threshold keeps ties).
     """
-    dense = torch.zeros(HIST_BINS, dtype=torch.int64)
+    dense = np.zeros(HIST_BINS, dtype=np.int64)
     target = 0.0
     total = 0
     for p in parts:
-        dense.index_add_(0, p["keys"], p["counts"])
+        np.add.at(dense, p["keys"].numpy(), p["counts"].numpy())
         target += p["target"]
         total += p["n"]
     k = min(int(target), total)
     if k <= 0:
         return HIST_BINS
-    from_top = dense.flip(0).cumsum(0)
-    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype))[0])
+    from_top = np.cumsum(dense[::-1])
+    j = int(np.searchsorted(from_top, k))
     return HIST_BINS - 1 - j

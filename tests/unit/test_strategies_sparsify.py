@@ -1,0 +1,430 @@
+"""Hand-checked cases for the sparsify-and-combine strategies and their shared helpers.
+
+Expected values are worked out by hand in the comments; values that are exact in binary floating
+point are compared exactly, the rest with a tolerance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from crdtmerge.errors import InvalidRecipe
+from crdtmerge.rng import CounterRNG
+from crdtmerge.strategies import REQUIRED, TensorTask, get_strategy, list_strategies
+from crdtmerge.strategies import _sparsify as sp
+
+KEY = bytes(range(32))
+
+
+def f32(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def make(
+    name: str,
+    base: torch.Tensor | None,
+    inputs: list[torch.Tensor],
+    params: dict[str, Any] | None = None,
+    model: dict[str, Any] | list[dict[str, Any]] | None = None,
+    weights: list[float] | None = None,
+) -> tuple[Any, TensorTask]:
+    spec = get_strategy(name)
+    gp = {p.name: p.default for p in spec.params if p.scope == "global"}
+    gp.update(params or {})
+    n = len(inputs)
+    per = model if isinstance(model, list) else [dict(model or {}) for _ in range(n)]
+    mps = []
+    for i in range(n):
+        mp = {p.name: p.default for p in spec.all_params if p.scope == "model"}
+        mp.update(per[i])
+        if weights is not None:
+            mp["weight"] = weights[i]
+        mps.append(mp)
+    assert all(v is not REQUIRED for v in gp.values())
+    task = TensorTask(
+        name="w",
+        base=base,
+        inputs=inputs,
+        params=gp,
+        model_params=mps,
+        rng=CounterRNG(KEY),
+        streams=[bytes([i + 1]) * 32 for i in range(n)],
+    )
+    return spec, task
+
+
+def merge(name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    spec, task = make(name, *args, **kwargs)
+    if spec.needs_prepass(task.params):
+        task.stats = spec.reduce([spec.observe(task)], task.params)
+    return spec.merge(task)
+
+
+def exact(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert a.numpy().tobytes() == b.numpy().tobytes(), f"{a} != {b}"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_fixed_sum_is_thread_count_invariant_and_accurate() -> None:
+    rng = np.random.Generator(np.random.PCG64(5))
+    x = torch.from_numpy(np.abs(rng.standard_normal(300_001, dtype=np.float32)))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sp.fixed_sum(x).item(), sp.fixed_sum(x, torch.float32).item()
+        torch.set_num_threads(2)
+        two = sp.fixed_sum(x).item(), sp.fixed_sum(x, torch.float32).item()
+    finally:
+        torch.set_num_threads(old)
+    assert one == two
+    assert one[0] == pytest.approx(float(np.sum(x.numpy(), dtype=np.float64)), rel=1e-12)
+    assert sp.l1_norm(f32(1, -2, 3.5)) == 6.5
+    assert sp.fixed_sum(torch.zeros(0)).item() == 0.0
+
+
+def test_topk_keeps_exactly_k_ties_by_lowest_index() -> None:
+    x = f32(0.5, -2, 1, -1, 0, 3)
+    # |x| = .5 2 1 1 0 3: top 3 = 3 (idx 5), 2 (idx 1), then the tie |1| at idx 2 before idx 3
+    expected = torch.tensor([False, True, True, False, False, True])
+    assert torch.equal(sp.magnitude_topk(x, 3), expected)
+    assert torch.equal(sp.topk_mask(x.abs(), 3), expected)
+    assert torch.equal(sp.magnitude_topk(x.double(), 3), expected)
+    assert not sp.magnitude_topk(x, 0).any()
+    assert sp.magnitude_topk(x, 6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_matches_a_stable_sort_reference(dtype: torch.dtype) -> None:
+    rng = np.random.Generator(np.random.PCG64(11))
+    for trial in range(120):
+        n = int(rng.integers(1, 2000))
+        x = rng.standard_normal(n)
+        if trial % 3 == 1:
+            x = np.round(x * 2) / 2  # many ties and zeros
+        if trial % 3 == 2:
+            x[rng.random(n) < 0.3] = -0.0
+        t = torch.from_numpy(x).to(dtype)
+        k = int(rng.integers(0, n + 1))
+        a = np.abs(t.numpy())
+        order = np.lexsort((np.arange(n), -a))
+        ref = np.zeros(n, dtype=bool)
+        ref[order[:k]] = True
+        got = sp.magnitude_topk(t, k).numpy()
+        assert got.sum() == k
+        assert (got == ref).all(), (trial, n, k)
+
+
+def test_magnitude_mask_uses_mergekits_k() -> None:
+    x = torch.arange(1.0, 11.0)
+    assert sp.magnitude_mask(x, 1.0) is None
+    assert not sp.magnitude_mask(x, 0.0).any()
+    assert int(sp.magnitude_mask(x, 0.01).sum()) == 1  # int(0.1) = 0, at least one
+    assert int(sp.magnitude_mask(x, 0.35).sum()) == 3  # int(3.5)
+
+
+def test_outlier_mask_drops_top_gamma_and_the_bottom() -> None:
+    x = torch.arange(1.0, 11.0)
+    # n=10, density .5 -> 5 kept, gamma .1 -> drop the top 1, so n_bot = 10 - 5 - 1 = 4
+    keep = sp.outlier_mask(x, 0.5, 0.1)
+    assert x[keep].tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
+    # density .8, gamma .3: n_bot = 10 - 8 - 3 = -1 -> only 2 top dropped, nothing at the bottom
+    keep = sp.outlier_mask(x, 0.8, 0.3)
+    assert x[keep].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    # gamma 0 keeps the top (mergekit's old off-by-slice bug dropped everything)
+    assert x[sp.outlier_mask(x, 0.3, 0.0)].tolist() == [8.0, 9.0, 10.0]
+    assert sp.outlier_mask(x, 1.0, 0.0) is None
+
+
+def test_sign_election_sum_and_count() -> None:
+    a, b, c = f32(1, -2, 0, 1), f32(-3, 1, 0, 1), f32(1, 0.5, 0, -5)
+    # sum: -1, -0.5, 0, -3 -> - - + -
+    exact(sp.elect_sign([a, b, c], "sum"), f32(-1, -1, 1, -1))
+    # count: signs sum to 1, 0, 0, 1 -> + + + +
+    exact(sp.elect_sign([a, b, c], "count"), f32(1, 1, 1, 1))
+    with pytest.raises(InvalidRecipe):
+        sp.elect_sign([a], "mass")
+
+
+def test_rank_keep_probabilities() -> None:
+    # |row| = .1 .5 .3 -> ranks 0 2 1 -> r = 0 1 .5 -> p = .4 .6 .5 (density .5, eps .1)
+    p = sp.rank_keep_prob(f32(0.1, -0.5, 0.3), 0.5, 0.1)
+    torch.testing.assert_close(p, f32(0.4, 0.6, 0.5))
+    # ties by index: two equal magnitudes get ranks 0 and 1
+    p = sp.rank_keep_prob(f32(1, -1), 0.5, 0.2)
+    torch.testing.assert_close(p, f32(0.3, 0.7))
+    assert sp.rank_keep_prob(f32(7), 0.5, 0.2).tolist() == pytest.approx([0.5])
+
+
+# ----------------------------------------------------------------------------- linear / TA
+
+BASE = f32(0, 0, 0, 0)
+
+
+def test_linear_weighted_average_and_sum() -> None:
+    x, y = f32(1, 2), f32(3, 4)
+    exact(merge("linear", None, [x, y], weights=[1, 3]), f32(2.5, 3.5))  # (1+9)/4, (2+12)/4
+    exact(merge("linear", None, [x, y], {"normalize": False}, weights=[1, 3]), f32(10, 14))
+    exact(merge("linear", None, [x, x, x]), x)
+    with pytest.raises(InvalidRecipe, match="sum to zero"):
+        merge("linear", None, [x, y], weights=[1, -1])
+
+
+def test_task_arithmetic_sum_scale_and_negation() -> None:
+    base = f32(1, 1, 1)
+    a, b = f32(2, 1, 0), f32(1, 3, 1)  # deltas (1,0,-1) and (0,2,0)
+    exact(merge("task_arithmetic", base, [a, b]), f32(2, 3, 0))
+    exact(merge("task_arithmetic", base, [a, b], {"lambda": 0.5}), f32(1.5, 2, 0.5))
+    exact(merge("task_arithmetic", base, [a, b], {"normalize": True}), f32(1.5, 2, 0.5))
+    # negation: a negative weight subtracts a task
+    exact(merge("task_arithmetic", base, [a, b], weights=[1, -1]), f32(2, -1, 0))
+    exact(merge("task_arithmetic", base, [a], weights=[-1]), f32(0, 1, 2))
+    exact(merge("task_arithmetic", base, [a, a], weights=[1, -1]), base)
+
+
+def test_task_arithmetic_needs_a_base() -> None:
+    with pytest.raises(InvalidRecipe, match="needs a base"):
+        merge("task_arithmetic", None, [f32(1)])
+
+
+# ----------------------------------------------------------------------------- TIES
+
+D1, D2 = f32(1, -2, 3, 0.5), f32(-3, 1, 1, 0.25)
+
+
+def test_ties_hand_example() -> None:
+    # vote = -2 -1 4 .75 -> - - + + ; D1 agrees at 1,2,3 ; D2 at 0,2,3
+    # sums -3 -2 4 .75 over counts 1 1 2 2
+    exact(merge("ties", BASE, [D1, D2]), f32(-3, -2, 2, 0.375))
+    exact(merge("ties", BASE, [D1, D2], {"lambda": 2.0}), f32(-6, -4, 4, 0.75))
+    exact(merge("ties", BASE, [D1, D2], {"normalize": False}), f32(-3, -2, 4, 0.75))
+
+
+def test_ties_weights_act_before_the_election() -> None:
+    # weighted D2 = -6 2 2 .5 ; vote = -5 0 5 1 -> - + + + (a zero vote elects +)
+    # D1 agrees at 2,3 ; wD2 everywhere: sums -6 2 5 1 over weights 2 2 3 3
+    out = merge("ties", BASE, [D1, D2], weights=[1, 2])
+    torch.testing.assert_close(out, f32(-3, 1, 5 / 3, 1 / 3), rtol=0, atol=1e-7)
+
+
+def test_ties_trim_then_elect() -> None:
+    # density .5: D1 keeps 3 and -2 ; D2 keeps -3 and the first of its tied 1s (index 1)
+    # trimmed: (0 -2 3 0), (-3 1 0 0); vote -3 -1 3 0 -> - - + +
+    out = merge("ties", BASE, [D1, D2], model={"density": 0.5})
+    exact(out, f32(-3, -2, 3, 0))
+
+
+def test_ties_sign_count() -> None:
+    # signs: (+ - + +), (- + + +), (+ + - +): counts 1 1 1 3 -> all +
+    d3 = f32(2, 4, -1, 1)
+    out = merge("ties", BASE, [D1, D2, d3], {"sign_method": "count", "normalize": False})
+    exact(out, f32(3, 5, 4, 1.75))
+
+
+def test_ties_of_one_task_vector_at_density_one_is_base_plus_lambda_tau() -> None:
+    rng = np.random.Generator(np.random.PCG64(2))
+    base = torch.from_numpy(rng.standard_normal(1000, dtype=np.float32))
+    x = torch.from_numpy(rng.standard_normal(1000, dtype=np.float32))
+    for lam in (1.0, 0.7):
+        out = merge("ties", base, [x], {"lambda": lam})
+        exact(out, base + (x - base) * lam if lam != 1.0 else base + (x - base))
+
+
+def test_ties_rescale_matches_l1() -> None:
+    out = merge("ties", BASE, [f32(4, -1, 1, 2)], {"rescale": True}, model={"density": 0.5})
+    # keeps 4 and 2 (L1 6), original L1 8 -> scaled by 4/3
+    torch.testing.assert_close(out, f32(16 / 3, 0, 0, 8 / 3))
+
+
+def test_ties_model_scope_is_a_whole_model_top_k() -> None:
+    spec = get_strategy("ties")
+    params = {"trim_scope": "model"}
+    assert spec.needs_prepass({**params}) and not spec.needs_prepass({"trim_scope": "tensor"})
+    big = [make("ties", torch.zeros(4), [f32(10, -20, 30, 40)], params, {"density": 0.5})[1]]
+    small = [make("ties", torch.zeros(4), [f32(1, -2, 3, 4)], params, {"density": 0.5})[1]]
+    summaries = [spec.observe(big[0]), spec.observe(small[0])]
+    stats = spec.reduce(summaries, params)
+    # 8 entries, k = 4: the four entries of the big tensor, none of the small one
+    for task, expected in ((big[0], f32(10, -20, 30, 40)), (small[0], f32(0, 0, 0, 0))):
+        task.stats = stats
+        exact(spec.merge(task), expected)
+    # per tensor, the same density keeps two entries of each
+    exact(
+        merge("ties", torch.zeros(4), [f32(1, -2, 3, 4)], model={"density": 0.5}), f32(0, 0, 3, 4)
+    )
+    with pytest.raises(InvalidRecipe, match="pre-pass"):
+        spec.merge(make("ties", torch.zeros(4), [f32(1, 2, 3, 4)], params)[1])
+
+
+def test_identical_contributions_return_them() -> None:
+    x = f32(1.5, -2, 0, 7)
+    for name in ("linear", "ties"):
+        exact(merge(name, BASE if name == "ties" else None, [x, x, x, x]), x)
+
+
+# ----------------------------------------------------------------------------- DARE / DELLA
+
+
+def _big(seed: int, n: int = 4096) -> torch.Tensor:
+    return torch.from_numpy(
+        np.random.Generator(np.random.PCG64(seed)).standard_normal(n, dtype=np.float32)
+    )
+
+
+def test_dare_at_density_one_equals_its_linear_counterparts() -> None:
+    base, a, b = _big(1), _big(2), _big(3)
+    exact(merge("dare_linear", base, [a, b]), merge("task_arithmetic", base, [a, b]))
+    exact(
+        merge("dare_ties", base, [a, b], weights=[1, 0.5]),
+        merge("ties", base, [a, b], {"normalize": False}, weights=[1, 0.5]),
+    )
+
+
+def test_dare_mask_comes_from_the_contributions_stream() -> None:
+    base, a, b = torch.zeros(4096), _big(2), _big(3)
+    spec, task = make("dare_linear", base, [a, b], {"rescale": False}, {"density": 0.3})
+    out = spec.merge(task)
+    rng = CounterRNG(KEY)
+    keep_a = rng.uniform(4096, stream=task.streams[0]) < torch.tensor(0.3)
+    keep_b = rng.uniform(4096, stream=task.streams[1]) < torch.tensor(0.3)
+    exact(out, torch.where(keep_a, a, 0.0) + torch.where(keep_b, b, 0.0))
+    assert 0.25 < float(keep_a.float().mean()) < 0.35
+    assert not torch.equal(keep_a, keep_b)
+
+
+def test_dare_rescale_modes() -> None:
+    base, a = torch.zeros(4096), _big(4)
+    l1 = merge("dare_linear", base, [a], model={"density": 0.5})
+    assert sp.l1_norm(l1) == pytest.approx(sp.l1_norm(a), rel=1e-5)
+    inv = merge("dare_linear", base, [a], {"rescale_mode": "inverse"}, {"density": 0.5})
+    kept = inv != 0
+    exact(inv[kept], a[kept] / 0.5)
+    assert torch.equal(kept, l1 != 0)
+
+
+def test_della_keeps_big_entries_more_often_and_validates() -> None:
+    base, a = torch.zeros(8192), _big(5, 8192)
+    out = merge("della_linear", base, [a], {"rescale": False}, {"density": 0.5, "epsilon": 0.4})
+    kept = out != 0
+    big = a.abs() > a.abs().median()
+    assert float(kept[big].float().mean()) > 0.6 > 0.4 > float(kept[~big].float().mean())
+    exact(out[kept], a[kept])
+    inv = merge(
+        "della_linear", base, [a], {"rescale_mode": "inverse"}, {"density": 0.5, "epsilon": 0.4}
+    )
+    p = sp.rank_keep_prob(a, 0.5, 0.4)
+    exact(inv[kept], a[kept] / p[kept])
+    with pytest.raises(InvalidRecipe, match="epsilon"):
+        merge("della", base, [a], model={"density": 0.9, "epsilon": 0.15})
+    exact(merge("della", base, [a], model={"density": 1.0, "epsilon": 0.15}), a)
+
+
+# ----------------------------------------------------------------------------- others
+
+
+def test_breadcrumbs_drop_outliers_and_small_entries() -> None:
+    d = torch.arange(1.0, 11.0)
+    out = merge("breadcrumbs", torch.zeros(10), [d], model={"density": 0.5, "gamma": 0.1})
+    exact(out, f32(0, 0, 0, 0, 5, 6, 7, 8, 9, 0))
+    # breadcrumbs_ties elects after the masks: (5..9) vs -(1..10)*2 -> the second wins
+    out = merge(
+        "breadcrumbs_ties",
+        torch.zeros(10),
+        [d, -2 * d],
+        model={"density": 0.5, "gamma": 0.1},
+    )
+    exact(out, f32(0, 0, 0, 0, -10, -12, -14, -16, -18, 0))
+
+
+def test_magmax_takes_the_largest_magnitude_later_wins_ties() -> None:
+    d1, d2 = f32(1, -3, 2), f32(-2, 3, -2)
+    exact(merge("magmax", f32(0, 0, 0), [d1, d2]), f32(-1, 1.5, -1))
+    exact(merge("magmax", f32(1, 1, 1), [d1 + 1, d2 + 1], {"scaling_factor": 1.0}), f32(-1, 4, -1))
+
+
+def test_sce_select_calculate_erase() -> None:
+    d1, d2 = f32(1, 5, 2, 0), f32(3, 0, 2, 1)
+    # variance 1 6.25 0 .25 -> 3 non-zero, k = int(3 * .67) = 2: positions 1 and 0
+    # selected (1 5 0 0), (3 0 0 0); weights mean squares 6.5, 2.25
+    out = merge("sce", torch.zeros(4), [d1, d2], {"select_topk": 0.67})
+    torch.testing.assert_close(out, f32(13.25 / 8.75, 5, 0, 0))
+    # no selection: weights .5*(1+25+4)/4... vote all + ; a zero entry never agrees
+    out = merge("sce", torch.zeros(2), [f32(1, 0), f32(3, 0)])
+    torch.testing.assert_close(out, f32(0.1 * 1 + 0.9 * 3, 0))
+
+
+def test_ram_and_ramplus() -> None:
+    d1, d2 = f32(1, 0.05, 2, 0), f32(3, 0, 0, 0.02)
+    # active (|d| > .1): d1 at 0, 2 ; d2 at 0 -> mean at 0, d1 alone at 2
+    exact(merge("ram", torch.zeros(4), [d1, d2], {"epsilon": 0.1}), f32(2, 0, 2, 0))
+    # RAM+: d1 has 1 shared and 1 unique entry -> rho 1 -> clip .2 -> factor 1.02
+    out = merge("ramplus_tl", torch.zeros(4), [d1, d2], {"epsilon": 0.1})
+    exact(out, f32(2, 0, 2 * 1.02, 0))
+
+
+def test_pcb_single_model_keeps_the_top_ratio() -> None:
+    a = _big(9, 100)
+    out = merge("pcb", torch.zeros(100), [a], {"clamp_ratio": 0.0, "pcb_ratio": 0.1})
+    # the score grows with |tau|; the 90th order statistic is the floor (weight 0), so the 9
+    # largest magnitudes survive, unchanged (weight / weight = 1)
+    top = torch.zeros(100, dtype=torch.bool)
+    top[a.abs().argsort(descending=True)[:9]] = True
+    assert torch.equal(out != 0, top)
+    torch.testing.assert_close(out[top], a[top])
+    exact(merge("pcb", torch.zeros(100), [a], {"pcb_ratio": 0.0}), torch.zeros(100))
+
+
+def test_consensus_ta_keeps_positions_at_least_k_tall_masks_agree_on() -> None:
+    d1, d2, d3 = f32(1, 1, 0.1), f32(1, -1, 0), f32(1, 0, 0)
+    # mtl = 3 0 .1 ; lambda .4: pos 0 all 3 masks, pos 1 d1 and d2, pos 2 only d1
+    out = merge("consensus_ta", torch.zeros(3), [d1, d2, d3], model={"tall_mask_lambda": 0.4})
+    exact(out, f32(3, 0, 0))
+    out = merge("consensus_ta", torch.zeros(3), [d1, d2, d3], {"k": 3}, {"tall_mask_lambda": 0.4})
+    exact(out, f32(3, 0, 0))
+    out = merge("consensus_ties", torch.zeros(3), [d1, d2, d3], model={"tall_mask_lambda": 0.4})
+    # TIES on (1 1 .1), (1 -1 0), (1 0 0): pos 0 mean 1, pos 1 vote 0 -> + -> 1 ; masked
+    exact(out, f32(1, 1, 0))
+
+
+# ----------------------------------------------------------------------------- schemas
+
+MINE = {
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear",
+    "breadcrumbs", "breadcrumbs_ties", "magmax", "sce", "ram", "ramplus_tl", "pcb",
+    "consensus_ta", "consensus_ties",
+}  # fmt: skip
+
+
+def test_specs_are_registered_exact_version_one() -> None:
+    specs = {s.name: s for s in list_strategies()}
+    assert set(specs) >= MINE
+    for name in MINE:
+        assert specs[name].version == 1
+        assert specs[name].determinism == "exact"
+        assert specs[name].needs_base == (name != "linear")
+
+
+@pytest.mark.parametrize(
+    ("name", "param", "value", "message"),
+    [
+        ("ties", "density", 1.5, "<= 1.0"),
+        ("ties", "density", -0.1, ">= 0.0"),
+        ("ties", "sign_method", "mass", "must be one of"),
+        ("ties", "trim_scope", "layer", "must be one of"),
+        ("dare_ties", "rescale_mode", "sqrt", "must be one of"),
+        ("della", "epsilon", 2.0, "<= 1.0"),
+        ("breadcrumbs", "gamma", -1.0, ">= 0.0"),
+        ("sce", "select_topk", 1.1, "<= 1.0"),
+        ("consensus_ta", "k", 1.5, "integer"),
+        ("linear", "normalize", 1, "true or false"),
+    ],
+)
+def test_parameter_validation(name: str, param: str, value: Any, message: str) -> None:
+    with pytest.raises(InvalidRecipe, match=message):
+        get_strategy(name).param(param).check(value)
