@@ -11,7 +11,9 @@ Two hashes describe a document:
 
 * :meth:`MergeDocument.digest` -- the **state digest** of DESIGN.md §3: BLAKE3 (domain
   ``crdtmerge/v1/state-digest``) over the canonical encoding of ``[recipe hash or b"", sorted
-  live roots]``. Equal digests mean the same merged model; "converged?" is a digest compare.
+  live roots]``, plus ``sorted live trusted keys`` as a third item when there is any (they
+  decide which contributions the merge uses, see :mod:`crdtmerge.signing`). Equal digests mean
+  the same merged model; "converged?" is a digest compare.
 * :meth:`MergeDocument.state_hash` -- BLAKE3 (domain ``crdtmerge/v1/document``) over the full
   canonical bytes, clocks and trusted keys included. Anti-entropy compares this one, so that
   clocks and trusted keys converge too, not only the value.
@@ -24,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ..canonical import domain_hash
@@ -86,7 +89,11 @@ class MergeDocument:
         if self._digest is None:
             recipe = self.recipe.value
             recipe_hash = recipe.hash() if recipe is not None else b""
-            payload = pack([recipe_hash, self.live_roots()])
+            parts: list[Any] = [recipe_hash, self.live_roots()]
+            keys = self.live_keys()
+            if keys:  # they decide which contributions count (crdtmerge.signing)
+                parts.append(keys)
+            payload = pack(parts)
             self._digest = domain_hash(DIGEST_DOMAIN, payload)
         return self._digest
 
@@ -191,15 +198,33 @@ class MergeDocument:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MergeDocument:
-        """Parse and validate; raises ``UnsupportedVersion`` or ``InvalidInput``."""
-        obj = unframe(data, TAG_MERGE_DOCUMENT, "merge document")
-        doc = cls._from_obj(obj)
-        if pack(obj) != bytes(data)[2:]:
-            raise malformed("merge document", "encoding is not canonical")
-        doc._bytes = bytes(data)
-        return doc
+        """Parse and validate; raises ``UnsupportedVersion`` or ``InvalidInput``.
+
+        Small documents are memoised by their bytes (values are immutable, and gossip decodes
+        the same peer documents again and again).
+        """
+        if isinstance(data, bytes) and len(data) <= _MEMO_MAX_BYTES:
+            return _decode_memo(data)
+        return _decode(data)
 
     def check_invariants(self) -> None:
         self.recipe.check_invariants()
         self.contributions.check_invariants("merge document contributions")
         self.trusted_keys.check_invariants("merge document trusted keys")
+
+
+_MEMO_MAX_BYTES = 64 << 10
+
+
+def _decode(data: bytes) -> MergeDocument:
+    obj = unframe(data, TAG_MERGE_DOCUMENT, "merge document")
+    doc = MergeDocument._from_obj(obj)
+    if pack(obj) != bytes(data)[2:]:
+        raise malformed("merge document", "encoding is not canonical")
+    doc._bytes = bytes(data)
+    return doc
+
+
+@functools.lru_cache(maxsize=512)
+def _decode_memo(data: bytes) -> MergeDocument:
+    return _decode(data)

@@ -151,9 +151,13 @@ def test_reachable_states_are_well_formed(states):
 
 @given(documents(count=2))
 def test_equal_digests_follow_from_equal_value(docs):
-    # the digest is a function of (recipe, live roots) only
+    # the digest is a function of (recipe, live roots, live trusted keys) only
     a, b = docs
-    same_value = a.recipe.value == b.recipe.value and a.live_roots() == b.live_roots()
+    same_value = (
+        a.recipe.value == b.recipe.value
+        and a.live_roots() == b.live_roots()
+        and a.live_keys() == b.live_keys()
+    )
     assert (a.digest() == b.digest()) == same_value
 
 

@@ -148,6 +148,16 @@ def test_document_digest_is_blake3_over_recipe_hash_and_sorted_roots():
     assert MergeDocument().digest() == empty
 
 
+def test_document_digest_covers_trusted_keys_only_when_there_are_some():
+    # trusted keys decide which contributions a merge uses (crdtmerge.signing), so two states
+    # with the same roots but different keys must not share a digest
+    doc = MergeDocument().add(E1, "a.1")
+    keyed = doc.add_trusted_key(E3, "a.1")
+    expected = domain_hash("crdtmerge/v1/state-digest", canonical_pack([b"", [E1], [E3]]))
+    assert keyed.digest() == expected
+    assert keyed.remove_trusted_key(E3).digest() == doc.digest()
+
+
 def test_digest_ignores_history_but_state_hash_does_not():
     a = MergeDocument().add(E1, "a.1")
     b = MergeDocument().add(E2, "b.1").remove(E2).add(E1, "b.1")
