@@ -97,21 +97,21 @@ def exp(x: torch.Tensor) -> torch.Tensor:
     """``exp(x)`` in float64 from basic operations and exact power-of-two scaling.
 
     ``x = k ln2 + r`` with integer ``k`` and ``|r| <= ln2 / 2``; ``exp(r)`` is a Taylor
-    polynomial and ``2**k`` is built from its bits. Results below the smallest normal float64
-    flush to 0 (their float32 images are 0 anyway).
+    polynomial (Horner, in place: the same IEEE operations without temporaries) and ``2**k`` is
+    built from its bits. Results below the smallest normal float64 flush to 0 (their float32
+    images are 0 anyway).
     """
     x = _t(x)
     k = torch.floor(x * _INV_LN2 + 0.5)
-    r = (x - k * _LN2_HI) - k * _LN2_LO
+    r = x - k * _LN2_HI
+    r.sub_(k * _LN2_LO)
     acc = torch.full_like(r, _EXP_COEFFS[-1])
     for c in reversed(_EXP_COEFFS[:-1]):
-        acc = acc * r + c
-    ki = k.clamp(-1100.0, 1100.0).to(torch.int64)
-    lo = torch.clamp(ki, min=-1022)
-    hi = ki - lo  # <= 0: a second scale for results far below 2**-1022 (then 0)
-    two_lo = ((lo + 1023).clamp(0, 2046) << 52).view(torch.float64)
-    two_hi = torch.where(hi < 0, torch.zeros_like(acc), torch.ones_like(acc))
-    return acc * two_lo * two_hi
+        acc.mul_(r).add_(c)
+    ki = k.clamp_(-1100.0, 1100.0).to(torch.int64)
+    scale = ((ki.clamp(min=-1022) + 1023).clamp_(0, 2046) << 52).view(torch.float64)
+    acc.mul_(scale)
+    return acc.masked_fill_(ki < -1022, 0.0)
 
 
 def log(y: torch.Tensor) -> torch.Tensor:
@@ -122,13 +122,14 @@ def log(y: torch.Tensor) -> torch.Tensor:
     m = ((bits & _MANT_MASK) | _EXP_ONE).view(torch.float64)  # [1, 2)
     big = m > math.sqrt(2.0)
     m = torch.where(big, m * 0.5, m)
-    e = torch.where(big, e + 1, e).to(torch.float64)
-    z = (m - 1.0) / (m + 1.0)
+    e = e.add_(big.to(torch.int64)).to(torch.float64)
+    z = (m - 1.0).div_(m + 1.0)
     z2 = z * z
     acc = torch.full_like(z, _ATANH_COEFFS[-1])
     for c in reversed(_ATANH_COEFFS[:-1]):
-        acc = acc * z2 + c
-    return e * _LN2_HI + (2.0 * z * acc + e * _LN2_LO)
+        acc.mul_(z2).add_(c)
+    acc.mul_(z).mul_(2.0).add_(e * _LN2_LO)
+    return acc.add_(e.mul_(_LN2_HI))
 
 
 def scalar(x: torch.Tensor) -> float:
@@ -136,17 +137,40 @@ def scalar(x: torch.Tensor) -> float:
     return float(x.reshape(()).item())
 
 
+#: elements per float64 chunk in the reductions: bounds their temporary memory (3 x 32 MiB).
+_CHUNK = 1 << 22
+
+
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``sum(a * b)`` over all elements, computed in float64 (order-fixed reduction)."""
-    return float((a.to(torch.float64) * b.to(torch.float64)).sum().item())
+    """``sum(a * b)`` over all elements in float64: fixed chunks, partial sums added exactly.
+
+    The chunking is a constant of this module (never the thread count), so the value is a pure
+    function of the inputs; ``math.fsum`` adds the per-chunk sums with a single rounding.
+    """
+    fa = a.reshape(-1)
+    fb = b.reshape(-1)
+    parts = []
+    for i in range(0, fa.numel(), _CHUNK):
+        ca = fa[i : i + _CHUNK].to(torch.float64)
+        cb = fb[i : i + _CHUNK].to(torch.float64)
+        parts.append(float((ca * cb).sum().item()))
+    return math.fsum(parts)
 
 
 def norm64(a: torch.Tensor) -> float:
-    """The L2 norm of all elements, from a float64 sum of squares."""
-    a64 = a.to(torch.float64)
-    return math.sqrt(float((a64 * a64).sum().item()))
+    """The L2 norm of all elements, from :func:`dot64` of ``a`` with itself."""
+    return math.sqrt(dot64(a, a))
 
 
 def rowdot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum(a * b, dim=-1)`` in float64 (one value per row)."""
-    return (a.to(torch.float64) * b.to(torch.float64)).sum(dim=-1)
+    """``sum(a * b, dim=-1)`` in float64 (one value per row), in chunks of whole rows."""
+    width = max(int(a.shape[-1]), 1) if a.dim() else 1
+    a2 = a.reshape(-1, width)
+    b2 = b.reshape(-1, width)
+    rows = max(1, _CHUNK // width)
+    parts = [
+        (a2[i : i + rows].to(torch.float64) * b2[i : i + rows].to(torch.float64)).sum(dim=-1)
+        for i in range(0, a2.shape[0], rows)
+    ]
+    out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return out.reshape(a.shape[:-1]) if a.dim() else out.reshape(())
