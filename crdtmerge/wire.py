@@ -99,7 +99,9 @@ class MergeSummary:
 def _check_summaries(merges: Any) -> None:
     if not isinstance(merges, tuple) or not all(isinstance(m, MergeSummary) for m in merges):
         raise LocalProtocolError("merges must be a tuple of MergeSummary")
-    _check_sorted_names([m.name for m in merges], "merges")
+    # each MergeSummary validated its own name; only the order is left to check
+    if any(b.name <= a.name for a, b in zip(merges, merges[1:], strict=False)):
+        raise LocalProtocolError("merges must be strictly sorted by merge name")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgpack
@@ -38,6 +39,21 @@ __all__ = ["LWWRegister"]
 
 def _value_bytes(value: Recipe | None) -> bytes:
     return b"" if value is None else canonical_pack(value.to_dict())
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_value(vb: bytes) -> Recipe:
+    """Parse canonical recipe bytes (memoised: replicas decode the same recipe very often)."""
+    try:
+        value = Recipe.from_dict(canonical_unpack(vb))
+    except InvalidInput as exc:
+        raise malformed("LWW register", f"value is not a valid recipe ({exc.detail})") from exc
+    except (TypeError, ValueError, OverflowError, msgpack.UnpackException) as exc:
+        # canonical_unpack lets msgpack's TypeError (unhashable map key) through
+        raise malformed("LWW register", f"value is not a valid recipe ({exc})") from exc
+    if _value_bytes(value) != vb:
+        raise malformed("LWW register", "recipe value is not canonically encoded")
+    return value
 
 
 class LWWRegister:
@@ -141,15 +157,7 @@ class LWWRegister:
             return cls._make(None, counter, actor, b"")
         if not isinstance(vb, bytes) or not vb:
             raise malformed(type_name, "value must be the canonical bytes of a recipe, or nil")
-        try:
-            value = Recipe.from_dict(canonical_unpack(vb))
-        except InvalidInput as exc:
-            raise malformed(type_name, f"value is not a valid recipe ({exc.detail})") from exc
-        except (TypeError, ValueError, OverflowError, msgpack.UnpackException) as exc:
-            # canonical_unpack lets msgpack's TypeError (unhashable map key) through
-            raise malformed(type_name, f"value is not a valid recipe ({exc})") from exc
-        if _value_bytes(value) != vb:
-            raise malformed(type_name, "recipe value is not canonically encoded")
+        value = _decode_value(vb)
         return cls._make(value, counter, actor, vb)
 
     def to_bytes(self) -> bytes:
