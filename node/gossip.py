@@ -71,6 +71,10 @@ MSGPACK = "application/msgpack"
 #: every this many rounds, one known peer is asked for its peers again
 EXCHANGE_EVERY = 10
 
+# the peer whose message the core is handling (a hint for where missing objects are)
+_current_peer: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "crdtmerge_current_peer", default=None
+)
 # (peer id, captured messages) while the core handles a message received over HTTP
 _reply_capture: contextvars.ContextVar[tuple[str, list[Message]] | None] = contextvars.ContextVar(
     "crdtmerge_reply_capture", default=None
@@ -176,6 +180,7 @@ class Replication:
             auth=self.auth,
             on_complete=self._object_complete,
             timeout=30.0,
+            rng=self.rng,
         )
         self.rounds = 0
         self.bytes_sent = 0
@@ -410,13 +415,15 @@ class Replication:
             log.debug("send to %s (%s) failed: %s", peer, url, exc)
             await self.runtime.handle(SendFailed(peer, self.clock()))
             return
-        for reply in replies:
-            try:
+        token = _current_peer.set(peer)
+        try:
+            for reply in replies:
                 await self.runtime.handle(MessageReceived(peer, reply))
-            except (RemoteProtocolError, UnsupportedVersion) as exc:
-                log.warning("bad reply from %s: %s", peer, exc.detail)
-                await self.runtime.handle(SendFailed(peer, self.clock()))
-                return
+        except (RemoteProtocolError, UnsupportedVersion) as exc:
+            log.warning("bad reply from %s: %s", peer, exc.detail)
+            await self.runtime.handle(SendFailed(peer, self.clock()))
+        finally:
+            _current_peer.reset(token)
 
     @staticmethod
     def _decode_replies(data: bytes) -> list[Message]:
@@ -433,17 +440,22 @@ class Replication:
         message = decode(body)
         captured: list[Message] = []
         token = _reply_capture.set((peer, captured))
+        token_peer = _current_peer.set(peer)
         try:
             await self.runtime.handle(MessageReceived(peer, message))
         finally:
+            _current_peer.reset(token_peer)
             _reply_capture.reset(token)
         return msgpack.packb([encode(m) for m in captured])
 
     # -- objects ----------------------------------------------------------------------------
 
     def _on_fetch(self, effect: FetchObjects) -> None:
-        self._fetch_retry.clear()  # new knowledge: try the missing roots again at once
-        self.fetcher.ensure(effect.roots)
+        for root in effect.roots:  # new knowledge: try these roots again at once
+            self._fetch_retry.pop(root, None)
+        peer = _current_peer.get()
+        url = self.directory.url(peer) if peer is not None else None
+        self.fetcher.ensure(effect.roots, prefer=[url] if url else [])
 
     def _retry_fetches(self, now: float) -> None:
         missing: set[bytes] = set()

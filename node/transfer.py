@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -163,6 +164,8 @@ class _PeerFailed(Exception):
     """A transport error or a 5xx from one peer (not its fault necessarily: back off)."""
 
 
+#: peers chunks of one object are fetched from (at most)
+MAX_SOURCES = 3
 #: consecutive failed requests after which a peer is not asked again during one fetch
 MAX_STRIKES = 3
 
@@ -194,6 +197,7 @@ class ObjectFetcher:
         timeout: float = 30.0,
         scores: PeerScores | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.http = http
@@ -205,21 +209,30 @@ class ObjectFetcher:
         self.timeout = timeout
         self.scores = scores or PeerScores()
         self.clock = clock
+        self.rng = rng or random.Random()
         self.stats = FetchStats()
         self._inflight: dict[bytes, asyncio.Task[bool]] = {}
         self._closed = False
 
     # -- public -----------------------------------------------------------------------------
 
-    def ensure(self, roots: Iterable[bytes]) -> list[asyncio.Task[bool]]:
-        """Start a background fetch of every root the store lacks (deduplicated)."""
+    def ensure(
+        self, roots: Iterable[bytes], prefer: Sequence[str] = ()
+    ) -> list[asyncio.Task[bool]]:
+        """Start a background fetch of every root the store lacks (deduplicated).
+
+        ``prefer``: peer URLs to ask first (e.g. the peer whose state told us about the roots:
+        it most likely holds them).
+        """
         tasks = []
         for root in roots:
             if self._closed or self.store.has(root):
                 continue
             task = self._inflight.get(root)
             if task is None:
-                task = asyncio.create_task(self._fetch_once(root), name=f"fetch-{root.hex()[:12]}")
+                task = asyncio.create_task(
+                    self._fetch_once(root, tuple(prefer)), name=f"fetch-{root.hex()[:12]}"
+                )
                 self._inflight[root] = task
                 task.add_done_callback(lambda _t, r=root: self._inflight.pop(r, None))
             tasks.append(task)
@@ -244,12 +257,20 @@ class ObjectFetcher:
 
     # -- the algorithm ----------------------------------------------------------------------
 
-    async def _fetch_once(self, root: bytes) -> bool:
+    def _candidates(self, prefer: Sequence[str]) -> list[str]:
+        """Peers to ask for an object: preferred ones first, then the others shuffled (so
+        many nodes fetching the same object do not all ask the same peer first), healthy first."""
+        peers = list(self.peers())
+        first = [p for p in prefer if p in peers]
+        rest = [p for p in peers if p not in first]
+        self.rng.shuffle(rest)
+        return first + self.scores.order(rest, self.clock())
+
+    async def _fetch_once(self, root: bytes, prefer: Sequence[str] = ()) -> bool:
         t0 = self.clock()
         short = root.hex()[:12]
         try:
-            holders = list(self.peers())
-            manifest, holders = await self._manifest(root, holders)
+            manifest, holders = await self._manifest(root, self._candidates(prefer))
             partial = await asyncio.to_thread(self.store.begin_partial, manifest)
             missing = partial.missing()
             self.stats.resumed_chunks += manifest.num_chunks - len(missing)
@@ -276,10 +297,11 @@ class ObjectFetcher:
         return True
 
     async def _manifest(self, root: bytes, peers: list[str]) -> tuple[Manifest, list[str]]:
+        """The verified manifest from the first peer that has it, and the peers to fetch
+        chunks from: that one, plus (for objects of several batches) the next candidates,
+        unprobed: a peer without the object answers 404 to a chunk request and is dropped."""
         path = f"/v1/replication/objects/{root.hex()}/manifest"
-        holders = []
-        manifest: Manifest | None = None
-        for peer in self.scores.order(peers, self.clock()):
+        for i, peer in enumerate(peers):
             try:
                 resp = await self.http.get(peer + path, auth=self.auth, timeout=self.timeout)
             except (httpx.HTTPError, Unauthorized) as exc:
@@ -291,19 +313,15 @@ class ObjectFetcher:
             if resp.status_code != 200:
                 self.scores.failed(peer, self.clock())
                 continue
-            if manifest is None:
-                try:
-                    manifest = Manifest.from_bytes(resp.content, expected_root=root)
-                except (IntegrityError, InvalidInput, UnsupportedVersion) as exc:
-                    self._bad(peer, f"manifest of {root.hex()[:12]}: {exc.detail}")
-                    continue
+            try:
+                manifest = Manifest.from_bytes(resp.content, expected_root=root)
+            except (IntegrityError, InvalidInput, UnsupportedVersion) as exc:
+                self._bad(peer, f"manifest of {root.hex()[:12]}: {exc.detail}")
+                continue
             self.scores.ok(peer)
-            holders.append(peer)
-            if len(holders) >= 3:
-                break  # enough sources; the rest are not asked
-        if manifest is None:
-            raise _NoHolder("no reachable peer holds it")
-        return manifest, holders
+            extra = MAX_SOURCES - 1 if manifest.total_bytes > self.batch_bytes else 0
+            return manifest, [peer, *peers[i + 1 : i + 1 + extra]]
+        raise _NoHolder("no reachable peer holds it")
 
     def _bad(self, peer: str, what: str) -> None:
         self.stats.bad_chunks += 1
