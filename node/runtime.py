@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,6 +425,7 @@ class NodeRuntime:
             )
         tmp = self.store.temp_path("upload")
         size = 0
+        t0 = time.perf_counter()
         try:
             f = await asyncio.to_thread(open, tmp, "wb")
             try:
@@ -449,7 +451,20 @@ class NodeRuntime:
                 max_header_bytes=self.settings.max_header_bytes,
                 max_tensors=self.settings.max_tensors,
             )
-            return await asyncio.to_thread(self.store.prepare, tmp, limits)
+            t1 = time.perf_counter()
+            prepared = await asyncio.to_thread(self.store.prepare, tmp, limits)
+            log.info(
+                "upload received",
+                extra={
+                    "kind": kind,
+                    "root": prepared.root.hex()[:16],
+                    "bytes": size,
+                    "receive_s": round(t1 - t0, 3),
+                    "verify_s": round(time.perf_counter() - t1, 3),
+                    "canonical": prepared.canonical,
+                },
+            )
+            return prepared
         except BaseException as exc:
             await asyncio.to_thread(_unlink, tmp)
             result = "too_large" if isinstance(exc, TooLarge) else "rejected"
