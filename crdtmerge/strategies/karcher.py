@@ -66,7 +66,8 @@ def karcher_mean(
     for a, u in zip(va[1:], units[1:], strict=True):
         mean = mean + _c(a, u) * u
     mean_norm = dm.norm64(mean)
-    mean = units[0].clone() if mean_norm < tol else mean / _c(mean_norm, mean)
+    degenerate = mean_norm < tol or mean_norm == 0.0
+    mean = units[0].clone() if degenerate else mean / _c(mean_norm, mean)
 
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
@@ -79,7 +80,7 @@ def karcher_mean(
             k = a * theta / sin_theta
             tangent = tangent + _c(k, u) * (u - _c(dot, mean) * mean)
         tn = dm.norm64(tangent)
-        if tn < tol:
+        if tn < tol or tn == 0.0:
             break
         mean = _c(dm.scalar(dm.cos(tn)), mean) * mean + _c(dm.scalar(dm.sin(tn)), mean) * (
             tangent / _c(tn, tangent)

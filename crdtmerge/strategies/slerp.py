@@ -178,12 +178,16 @@ def _multislerp(task: TensorTask) -> torch.Tensor:
         weights = [w / total for w in weights]
     ds = task.deltas() if task.base is not None else xs
     norms = [dm.norm64(d) for d in ds]
-    terms = [_coef(w / (n + eps), d) * d for w, d, n in zip(weights, ds, norms, strict=True)]
+    # (a zero task vector with eps = 0 contributes nothing instead of 0/0)
+    terms = [
+        _coef(w / (n + eps) if n + eps > 0.0 else 0.0, d) * d
+        for w, d, n in zip(weights, ds, norms, strict=True)
+    ]
     mean = terms[0]
     for term in terms[1:]:
         mean = mean + term
     mean_norm = dm.norm64(mean)
-    if mean_norm < eps:
+    if mean_norm < eps or mean_norm == 0.0:
         if len(ds) != 2:
             raise IncompatibleInputs(
                 f"multislerp: tensor {task.name!r}: the weighted mean of the directions is ~0 "
