@@ -283,13 +283,19 @@ def verify_manifest(manifest: Manifest) -> bytes | None:
 def eligible_roots(
     roots: Iterable[bytes],
     trusted_keys: Collection[bytes],
-    manifest_of: Callable[[bytes], Manifest],
+    signer_of: Callable[[bytes], bytes | None],
 ) -> tuple[list[bytes], list[bytes]]:
     """Split live ``roots`` into ``(included, excluded)`` for a merge with ``trusted_keys``.
 
     A pure function of the replicated state (roots, keys) and the objects' content: with no
     trusted key every root is included; otherwise a root is included iff its signature
     verifies and its signer is in ``trusted_keys``. Order is kept.
+
+    Args:
+        roots: the live contribution roots.
+        trusted_keys: the merge's live trusted keys (32 bytes each).
+        signer_of: the verified signer of a root (e.g. ``verify_manifest(store.manifest(r))``),
+            None if unsigned; may raise ``IntegrityError`` for a bad signature (excluded).
     """
     roots = list(roots)
     if not trusted_keys:
@@ -299,7 +305,7 @@ def eligible_roots(
     excluded: list[bytes] = []
     for root in roots:
         try:
-            signer = verify_manifest(manifest_of(root))
+            signer = signer_of(root)
         except IntegrityError:
             signer = None
         (included if signer is not None and signer in trusted else excluded).append(root)

@@ -1,9 +1,11 @@
 """FastAPI dependencies: the runtime, and the auth guards each router declares.
 
-``WriteAuth`` checks ``Authorization: Bearer <token>`` against the configured write token (open
-when none is configured); ``ReadAuth`` does the same with the read token; ``ClusterAuth`` checks
-the cluster secret (header ``X-Crdtmerge-Cluster``) for node-to-node routes. Comparisons are
-constant-time.
+``ReadAuth``, ``WriteAuth`` and ``AdminAuth`` check ``Authorization: Bearer <token>`` for one
+scope. Scopes nest (admin ⊇ write ⊇ read): the admin token is accepted everywhere, the write
+token on write and read endpoints. A scope with no token configured is open (the admin scope
+falls back to the write token). An unknown token is 401; a known token of a narrower scope is
+403 (``insufficient_scope``). ``ClusterAuth`` checks the cluster secret (header
+``X-Crdtmerge-Cluster``) for node-to-node routes. Comparisons are constant-time.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from crdtmerge.errors import Unauthorized
+from crdtmerge.errors import Forbidden, Unauthorized
 
 from .runtime import NodeRuntime
 from .settings import Settings
 
-__all__ = ["ClusterAuth", "NodeDep", "ReadAuth", "SettingsDep", "WriteAuth"]
+__all__ = ["AdminAuth", "ClusterAuth", "NodeDep", "ReadAuth", "SettingsDep", "WriteAuth"]
 
 CLUSTER_HEADER = "x-crdtmerge-cluster"
 
@@ -52,12 +54,44 @@ def _check(expected: str | None, presented: str | None, what: str) -> None:
         raise Unauthorized(f"wrong {what}")
 
 
-def require_write(request: Request, settings: SettingsDep) -> None:
-    _check(settings.token, _bearer(request), "the write token")
+_SCOPES = ("read", "write", "admin")
+
+
+def _authorize(request: Request, settings: Settings, scope: str) -> None:
+    admin = settings.admin_token if settings.admin_token is not None else settings.token
+    tokens = {"read": settings.read_token, "write": settings.token, "admin": admin}
+    if tokens[scope] is None:
+        return  # this scope is open
+    presented = _bearer(request)
+    if presented is None:
+        raise Unauthorized(
+            f"this endpoint needs the {scope} token: send 'Authorization: Bearer <token>'"
+        )
+    granted = -1
+    for i, name in enumerate(_SCOPES):
+        token = tokens[name]
+        # every comparison runs, so timing does not tell which token matched
+        if token is not None and hmac.compare_digest(token.encode(), presented.encode()):
+            granted = max(granted, i)
+    if granted < 0:
+        raise Unauthorized(f"wrong token for this endpoint (it needs the {scope} token)")
+    if granted < _SCOPES.index(scope):
+        raise Forbidden(
+            f"this token has the {_SCOPES[granted]} scope; the endpoint needs {scope}",
+            code="insufficient_scope",
+        )
 
 
 def require_read(request: Request, settings: SettingsDep) -> None:
-    _check(settings.read_token, _bearer(request) or None, "the read token")
+    _authorize(request, settings, "read")
+
+
+def require_write(request: Request, settings: SettingsDep) -> None:
+    _authorize(request, settings, "write")
+
+
+def require_admin(request: Request, settings: SettingsDep) -> None:
+    _authorize(request, settings, "admin")
 
 
 def require_cluster(request: Request, settings: SettingsDep) -> None:
@@ -68,4 +102,5 @@ def require_cluster(request: Request, settings: SettingsDep) -> None:
 
 WriteAuth = Depends(require_write)
 ReadAuth = Depends(require_read)
+AdminAuth = Depends(require_admin)
 ClusterAuth = Depends(require_cluster)

@@ -33,11 +33,19 @@ class Settings:
         advertise_url: the URL peers should use for this node (default: from host and port).
         token: Bearer token for write endpoints; None = writes are open (a warning is logged).
         read_token: Bearer token for read endpoints; None = reads are open.
+        admin_token: Bearer token for admin endpoints (trusted signing keys); None = the write
+            token is also the admin token. Scopes nest: admin ⊇ write ⊇ read.
         cluster_secret: shared secret for node-to-node replication routes.
         replica_id: stable id of this replica; generated and persisted on first start if None.
         max_body_bytes: largest accepted upload (contribution or object), else 413.
         max_header_bytes: largest accepted safetensors JSON header, else 400.
         max_tensors: most tensors in one object, else 400.
+        min_free_bytes: free disk space the store must keep; an upload (by its announced
+            size) or a fetch (by its manifest) that would go below it is refused with 507.
+        rate_limit_per_s, rate_limit_burst: token bucket per client (its token, else its
+            address) on the public API, else 429; 0 turns it off.
+        max_uploads_per_client: concurrent uploads per client, else 429.
+        max_transfers_per_peer: concurrent chunk/manifest requests served per peer, else 429.
         merge_debounce_s: the digest must be stable this long before a merge starts.
         merge_enabled: run the background merge worker.
         gossip_interval_s: anti-entropy period (for the replication driver).
@@ -52,11 +60,17 @@ class Settings:
     advertise_url: str | None = None
     token: str | None = None
     read_token: str | None = None
+    admin_token: str | None = None
     cluster_secret: str | None = None
     replica_id: str | None = None
     max_body_bytes: int = 64 * GiB
     max_header_bytes: int = 100 * MiB
     max_tensors: int = 100_000
+    min_free_bytes: int = 256 * MiB
+    rate_limit_per_s: float = 200.0
+    rate_limit_burst: int = 400
+    max_uploads_per_client: int = 4
+    max_transfers_per_peer: int = 16
     merge_debounce_s: float = 0.5
     merge_enabled: bool = True
     gossip_interval_s: float = 1.0
@@ -93,9 +107,17 @@ class Settings:
         return cls(**values).validated()
 
     def validated(self) -> Settings:
-        for name in ("max_body_bytes", "max_header_bytes", "max_tensors"):
+        for name in (
+            "max_body_bytes",
+            "max_header_bytes",
+            "max_tensors",
+            "max_uploads_per_client",
+            "max_transfers_per_peer",
+        ):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"{name} must be positive, got {getattr(self, name)}")
+        if self.min_free_bytes < 0 or self.rate_limit_per_s < 0 or self.rate_limit_burst < 0:
+            raise InvalidInput("min_free_bytes, rate_limit_per_s and rate_limit_burst must be >= 0")
         if not 0 <= self.port < 65536:
             raise InvalidInput(f"port must be in 0..65535, got {self.port}")
         if self.merge_debounce_s < 0 or self.gossip_interval_s <= 0:
@@ -105,6 +127,8 @@ class Settings:
                 raise InvalidInput(f"peer {peer!r} is not an http(s) URL")
         if self.token is not None and len(self.token) < 8:
             raise InvalidInput("the write token must be at least 8 characters")
+        if self.admin_token is not None and len(self.admin_token) < 8:
+            raise InvalidInput("the admin token must be at least 8 characters")
         return self
 
     def with_(self, **changes: Any) -> Settings:

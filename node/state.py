@@ -16,16 +16,22 @@ __all__ = ["MergeSnapshot", "snapshot"]
 
 @dataclass(frozen=True)
 class MergeSnapshot:
-    """One merge as readers see it: its recipe, sorted live roots and state digest."""
+    """One merge as readers see it: its recipe, sorted live roots, state digest and sorted
+    live trusted keys (non-empty: only contributions signed by one of them are merged)."""
 
     name: str
     recipe: Recipe | None
     roots: tuple[bytes, ...]
     digest: bytes
+    trusted_keys: tuple[bytes, ...] = ()
 
 
 def snapshot(state: NodeState, name: str) -> MergeSnapshot:
     doc = state.get(name)
     return MergeSnapshot(
-        name=name, recipe=doc.recipe.value, roots=tuple(doc.live_roots()), digest=doc.digest()
+        name=name,
+        recipe=doc.recipe.value,
+        roots=tuple(doc.live_roots()),
+        digest=doc.digest(),
+        trusted_keys=tuple(doc.live_keys()),
     )
