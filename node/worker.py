@@ -49,6 +49,8 @@ T = TypeVar("T")
 
 #: failures that depend only on the inputs, so retrying the same digest cannot help
 _DETERMINISTIC = (UnsupportedStrategy, IncompatibleInputs, InvalidInput)
+#: seconds before a merge that failed for a transient reason (disk full ...) is retried
+RETRY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class MergeWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._changed_at: dict[str, float] = {}
+        self._retry_at: dict[bytes, float] = {}  # digest -> when to retry a transient failure
         self.outcomes: dict[bytes, MergeOutcome] = {}  # digest -> outcome (in memory)
         self.current: tuple[str, bytes] | None = None  # (merge, digest) being computed
 
@@ -136,10 +139,13 @@ class MergeWorker:
                 continue
             if self._rt.missing(snap):
                 continue
-            quiet = time.monotonic() - self._changed_at.get(name, 0.0)
-            if quiet < self._debounce:
-                wait = self._debounce - quiet
-                next_due = wait if next_due is None else min(next_due, wait)
+            now = time.monotonic()
+            due = max(
+                self._changed_at.get(name, 0.0) + self._debounce,
+                self._retry_at.get(snap.digest, 0.0),
+            )
+            if now < due:
+                next_due = due - now if next_due is None else min(next_due, due - now)
                 continue
             await self._merge(name, snap)
             return 0.0  # look again at once: states may have moved meanwhile
@@ -158,7 +164,8 @@ class MergeWorker:
             self._rt.metrics.merges_total.labels(result=state).inc()
             log.warning("merge %s digest %s %s: %s", name, digest.hex()[:12], state, exc.detail)
         except CrdtMergeError as exc:
-            # transient (storage ...): forget it so the next change retries
+            # transient (storage ...): retry this digest later
+            self._retry_at[digest] = time.monotonic() + RETRY_S
             self._rt.metrics.merges_total.labels(result="error").inc()
             log.error("merge %s digest %s error: %s", name, digest.hex()[:12], exc.detail)
         except Exception:
