@@ -248,14 +248,19 @@ class Replication:
         self.rounds += 1
         await self._discover(now)
         self._sync_core_peers()
-        await self.runtime.handle(Tick(now, self.rng.getrandbits(63)))
+        await self.runtime.handle(Tick(self.core_now(), self.rng.getrandbits(63)))
         self._retry_fetches(now)
+
+    def core_now(self) -> float:
+        """Time as the core sees it: in gossip intervals, so its peer backoff (1 unit,
+        doubling, capped at 60) scales with the interval: 1 s..60 s at the default 1 s."""
+        return self.clock() / self.interval
 
     async def quiesce(self, timeout: float = 30.0) -> None:
         """Wait until every send and hello this node started has finished (bounded)."""
-        deadline = self.clock() + timeout
+        deadline = time.monotonic() + timeout
         while self._tasks:
-            remaining = deadline - self.clock()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"{len(self._tasks)} replication task(s) still running")
             await asyncio.wait(list(self._tasks), timeout=remaining)
@@ -393,7 +398,7 @@ class Replication:
     async def _post(self, peer: str, message: Message) -> None:
         url = self.directory.url(peer)
         if url is None:
-            await self.runtime.handle(SendFailed(peer, self.clock()))
+            await self.runtime.handle(SendFailed(peer, self.core_now()))
             return
         body = encode(message)
         try:
@@ -413,7 +418,7 @@ class Replication:
             replies = self._decode_replies(resp.content)
         except (httpx.HTTPError, Unauthorized, RemoteProtocolError, UnsupportedVersion) as exc:
             log.debug("send to %s (%s) failed: %s", peer, url, exc)
-            await self.runtime.handle(SendFailed(peer, self.clock()))
+            await self.runtime.handle(SendFailed(peer, self.core_now()))
             return
         token = _current_peer.set(peer)
         try:
@@ -421,7 +426,7 @@ class Replication:
                 await self.runtime.handle(MessageReceived(peer, reply))
         except (RemoteProtocolError, UnsupportedVersion) as exc:
             log.warning("bad reply from %s: %s", peer, exc.detail)
-            await self.runtime.handle(SendFailed(peer, self.clock()))
+            await self.runtime.handle(SendFailed(peer, self.core_now()))
         finally:
             _current_peer.reset(token)
 

@@ -13,7 +13,8 @@ Anti-entropy (see :mod:`node.gossip`):
   answer is a msgpack array of the encoded messages the core addressed back to the sender
   (its digest, or an index of the documents that differ, or nothing);
 - ``POST /hello``: ``{"v": 1, "id", "url", "peers": [[id, url]...]}``, answered in kind:
-  replica ids for configured URLs, and peer exchange.
+  replica ids for configured URLs, and peer exchange;
+- ``GET /info``: this node's replication view as JSON (peers, rounds, transfer counters).
 
 Objects (see :mod:`node.transfer`):
 
@@ -26,6 +27,7 @@ Objects (see :mod:`node.transfer`):
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from typing import Annotated, Any
 
@@ -123,6 +125,13 @@ async def hello(request: Request, peer: ClusterPeer) -> Response:
     rep = _replication(request)
     answer = await rep.handle_hello(request.state.body, peer)
     return signed(request, answer)
+
+
+@router.get("/info")
+async def info(request: Request, peer: ClusterPeer) -> Response:
+    """This node's replication view (peers, rounds, transfer counters), as JSON."""
+    rep = _replication(request)
+    return signed(request, json.dumps(rep.info()).encode(), media_type="application/json")
 
 
 # -- objects -----------------------------------------------------------------------------------
