@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from crdtmerge.strategies import get_strategy
 from crdtmerge.strategies.arcee_fusion import fusion_importance
 from crdtmerge.strategies.base import TensorTask
 from crdtmerge.strategies.svd import svd_fixed
-from tests.models import randn
+from tests.models import make_model, randn
 
 
 def make_task(
@@ -353,3 +354,52 @@ def test_fisher_observe_is_a_float64_sum_of_squares() -> None:
     assert spec.observe is not None
     assert spec.observe(task) == (25.0, 100.0)
     assert math.isclose(spec.reduce([spec.observe(task)], task.params)[1], 10.0)
+
+
+# --- through the engine: side tensors and the whole-model pre-pass -------------------------
+
+
+def test_fisher_and_regmean_side_tensors_through_the_engine(tmp_path: Path) -> None:
+    from crdtmerge.engine import Contribution, merge
+    from crdtmerge.identity import hash_tensors
+    from crdtmerge.recipe import Recipe
+    from crdtmerge.tensors import open_tensors
+
+    layout = {"a.weight": (4, 3), "a.bias": (4,)}
+    models = [make_model(s, layout) for s in (1, 2)]
+    scales = (1.0, 50.0)  # contribution 2's Fisher is globally larger
+
+    def contribution(tensors: dict[str, torch.Tensor]) -> Contribution:
+        src = open_tensors(tensors)
+        return Contribution(root=hash_tensors(src).root, source=src)
+
+    fisher_models = []
+    for m, scale in zip(models, scales, strict=True):
+        side = {f"fisher:{n}": scale * (t.abs() + 0.1) for n, t in m.items()}
+        fisher_models.append(contribution({**m, **side}))
+    res = merge(Recipe("fisher", 1, {}), fisher_models, out=tmp_path / "fisher.safetensors")
+    again = merge(
+        Recipe("fisher", 1, {}), fisher_models[::-1], out=tmp_path / "fisher2.safetensors"
+    )
+    assert res.root == again.root
+    out = open_tensors(tmp_path / "fisher.safetensors")
+    norms = [
+        math.sqrt(sum(float(((s * (t.abs() + 0.1)).double() ** 2).sum()) for t in m.values()))
+        for m, s in zip(models, scales, strict=True)
+    ]
+    inv = [1 / (n + 1e-6) for n in norms]
+    c = [v / sum(inv) for v in inv]
+    for name in layout:
+        fs = [s * (m[name].abs() + 0.1) + 1e-6 for m, s in zip(models, scales, strict=True)]
+        num = sum(ci * f * m[name] for ci, f, m in zip(c, fs, models, strict=True))
+        den = sum(ci * f for ci, f in zip(c, fs, strict=True))
+        torch.testing.assert_close(out.tensor(name), num / den, rtol=1e-5, atol=1e-6)
+    assert not any(n.startswith("fisher:") for n in out.names())
+
+    gram_models = [contribution({**m, "gram:a.weight": torch.eye(3)}) for m in models]
+    merge(Recipe("regmean", 1, {}), gram_models, out=tmp_path / "regmean.safetensors")
+    rm = open_tensors(tmp_path / "regmean.safetensors")
+    for name in layout:
+        torch.testing.assert_close(
+            rm.tensor(name), (models[0][name] + models[1][name]) / 2, rtol=0, atol=1e-6
+        )
