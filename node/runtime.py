@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -43,14 +44,17 @@ import httpx
 
 from crdtmerge.errors import (
     IncompatibleInputs,
+    IntegrityError,
     InvalidInput,
     NotFound,
+    StorageError,
     TooLarge,
 )
 from crdtmerge.recipe import Recipe
 from crdtmerge.replica import (
     Ack,
     AddContribution,
+    AddTrustedKey,
     DigestChanged,
     Effect,
     Event,
@@ -60,10 +64,12 @@ from crdtmerge.replica import (
     Persist,
     PersistEpoch,
     RemoveContribution,
+    RemoveTrustedKey,
     Replica,
     Send,
     SetRecipe,
 )
+from crdtmerge.signing import check_trusted, eligible_roots, verify_manifest
 from crdtmerge.store import IngestLimits, ObjectStore, Prepared
 from crdtmerge.tensors import TensorSource
 
@@ -80,6 +86,8 @@ log = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ROOT_RE = re.compile(r"^[0-9a-f]{64}$")
 _WRITE_BATCH = 4 << 20
+#: free disk space is checked again after every this many bytes of an upload
+_DISK_CHECK_EVERY = 64 << 20
 
 ChangeListener = Callable[[str], None]
 SendHandler = Callable[[Send], None]
@@ -123,6 +131,8 @@ class MergeStatus:
     detail: str | None = None
     peers_agreeing: tuple[str, ...] = ()
     peers_differing: tuple[str, ...] = ()
+    trusted_keys: tuple[bytes, ...] = ()
+    untrusted: tuple[bytes, ...] = ()  # live roots left out: not signed by a trusted key
 
 
 class NodeRuntime:
@@ -142,6 +152,8 @@ class NodeRuntime:
         self._listeners: list[ChangeListener] = []
         self._send_handlers: list[SendHandler] = []
         self._fetch_handlers: list[FetchHandler] = []
+        # verified signer per stored root (a pure function of the root's bytes, so cacheable)
+        self._signers: dict[bytes, bytes | None | IntegrityError] = {}
         self.ready = False
         self.replica_id = ""
         self.epoch = 0
@@ -277,6 +289,9 @@ class NodeRuntime:
         core = self.replica.status(name)
         snap = self.snapshot(name)
         missing = core.missing_roots
+        untrusted: list[bytes] = []
+        if snap.trusted_keys and not missing:
+            _, untrusted = eligible_roots(snap.roots, snap.trusted_keys, self.signer_of)
         merged: bytes | None = None
         outcome: MergeOutcome | None = None
         if snap.recipe is None:
@@ -302,7 +317,25 @@ class NodeRuntime:
             detail=outcome.detail if outcome else None,
             peers_agreeing=core.peers_agreeing,
             peers_differing=core.peers_differing,
+            trusted_keys=snap.trusted_keys,
+            untrusted=tuple(untrusted),
         )
+
+    def signer_of(self, root: bytes) -> bytes | None:
+        """The verified signer of a stored object, None if unsigned (blocking; cached).
+
+        Raises:
+            IntegrityError: the object's signature does not verify.
+        """
+        if root not in self._signers:
+            try:
+                self._signers[root] = verify_manifest(self.store.manifest(root))
+            except IntegrityError as exc:
+                self._signers[root] = exc
+        signer = self._signers[root]
+        if isinstance(signer, IntegrityError):
+            raise signer
+        return signer
 
     def contributions(self, name: str) -> list[dict[str, Any]]:
         check_merge_name(name)
@@ -364,6 +397,7 @@ class NodeRuntime:
         prepared = await self._prepare_upload(body, content_length, kind="contribution")
         try:
             await asyncio.to_thread(self._check_compatible, name, prepared)
+            check_trusted(prepared.manifest, self.replica.state.get(name).live_keys())
             created_obj = await asyncio.to_thread(self.store.commit, prepared)
         except BaseException:
             self.metrics.uploads_total.labels(kind="contribution", result="rejected").inc()
@@ -412,6 +446,22 @@ class NodeRuntime:
         log.info("contribution removed", extra={"merge": name, "root": root_hex[:16]})
         return await self.status(name)
 
+    async def add_trusted_key(self, name: str, key: bytes) -> MergeStatus:
+        """Trust ``key`` to sign contributions to ``name`` (admin; replicated, add-wins)."""
+        check_merge_name(name)
+        await self.handle(AddTrustedKey(name, key))
+        log.info("trusted key added", extra={"merge": name, "key": key.hex()[:16]})
+        return await self.status(name)
+
+    async def remove_trusted_key(self, name: str, key: bytes) -> MergeStatus:
+        """Stop trusting ``key`` (observed-remove; a concurrent re-add on a peer wins)."""
+        check_merge_name(name)
+        acks = await self.handle(RemoveTrustedKey(name, key))
+        if not acks or not acks[0].changed:
+            raise NotFound(f"{key.hex()} is not a trusted key of merge {name!r}")
+        log.info("trusted key removed", extra={"merge": name, "key": key.hex()[:16]})
+        return await self.status(name)
+
     # -- uploads ----------------------------------------------------------------------------
 
     async def _prepare_upload(
@@ -423,8 +473,14 @@ class NodeRuntime:
             raise TooLarge(
                 f"the upload is {content_length} bytes; this node accepts at most {limit}"
             )
+        try:
+            self.check_disk(content_length or 0)
+        except StorageError:
+            self.metrics.uploads_total.labels(kind=kind, result="no_space").inc()
+            raise
         tmp = self.store.temp_path("upload")
         size = 0
+        checked = 0
         t0 = time.perf_counter()
         try:
             f = await asyncio.to_thread(open, tmp, "wb")
@@ -434,6 +490,9 @@ class NodeRuntime:
                     size += len(chunk)
                     if size > limit:
                         raise TooLarge(f"the upload exceeds this node's limit of {limit} bytes")
+                    if content_length is None and size - checked >= _DISK_CHECK_EVERY:
+                        checked = size
+                        self.check_disk(0)
                     buf += chunk
                     if len(buf) >= _WRITE_BATCH:
                         data, buf = buf, bytearray()
@@ -471,6 +530,18 @@ class NodeRuntime:
             self.metrics.uploads_total.labels(kind=kind, result=result).inc()
             raise
 
+    def check_disk(self, incoming: int) -> None:
+        """Refuse (507) ``incoming`` more bytes if they would leave less than
+        ``min_free_bytes`` free on the store's filesystem."""
+        free = shutil.disk_usage(self.settings.store_dir).free
+        reserve = self.settings.min_free_bytes
+        if free - incoming < reserve:
+            raise StorageError(
+                f"not enough disk space: {free} bytes free, {incoming} more announced, and "
+                f"this node keeps {reserve} free; free some space or raise the limit",
+                code="insufficient_storage",
+            )
+
     def _check_compatible(self, name: str, prepared: Prepared) -> None:
         """A contribution must have the base's tensor names and shapes (blocking)."""
         recipe = self.snapshot(name).recipe
@@ -487,11 +558,20 @@ class NodeRuntime:
         from crdtmerge.engine import Contribution, merge
 
         assert snap.recipe is not None
+        # the replicated state decides, not arrival order: with trusted keys, only roots
+        # signed by one of them count (the digest covers the keys, see crdtmerge.signing)
+        roots, left_out = eligible_roots(snap.roots, snap.trusted_keys, self.signer_of)
+        if snap.roots and not roots:
+            raise InvalidInput(
+                f"none of the {len(left_out)} contribution(s) of merge {snap.name!r} is "
+                "signed by a trusted key",
+                code="no_trusted_contribution",
+            )
         sources: list[TensorSource] = []
         out = self.store.temp_path("merge", suffix=".safetensors")
         try:
             contributions = []
-            for r in snap.roots:
+            for r in roots:
                 sources.append(self.store.open(r))
                 contributions.append(Contribution(r, sources[-1], self.store.metadata(r)))
             base = None

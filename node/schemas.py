@@ -60,6 +60,15 @@ class MergeStatusOut(BaseModel):
         default=True,
         description="every peer heard from reported this digest (true when none was heard)",
     )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (hex) trusted to sign contributions; when non-empty "
+        "only contributions signed by one of them are merged",
+    )
+    untrusted: list[str] = Field(
+        default_factory=list,
+        description="live contributions left out of the merge: not signed by a trusted key",
+    )
 
 
 class MergeList(BaseModel):

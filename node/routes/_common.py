@@ -72,4 +72,6 @@ def status_out(s: MergeStatus) -> MergeStatusOut:
         peers_agreeing=list(s.peers_agreeing),
         peers_differing=list(s.peers_differing),
         converged=not s.peers_differing,
+        trusted_keys=[k.hex() for k in s.trusted_keys],
+        untrusted=[r.hex() for r in s.untrusted],
     )

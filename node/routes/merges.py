@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
-from ..deps import NodeDep, ReadAuth, WriteAuth
+from crdtmerge.signing import parse_public_key
+
+from ..deps import AdminAuth, NodeDep, ReadAuth, WriteAuth
 from ..schemas import (
     ContributionList,
     ContributionOut,
@@ -23,9 +25,12 @@ router = APIRouter(
     responses={
         400: {"model": ErrorOut},
         401: {"model": ErrorOut},
+        403: {"model": ErrorOut},
         404: {"model": ErrorOut},
         413: {"model": ErrorOut},
         422: {"model": ErrorOut},
+        429: {"model": ErrorOut},
+        507: {"model": ErrorOut},
     },
 )
 
@@ -82,6 +87,22 @@ async def list_contributions(name: str, node: NodeDep) -> ContributionList:
 async def remove_contribution(name: str, root: str, node: NodeDep) -> MergeStatusOut:
     """Observed-remove: a concurrent re-add on another replica wins."""
     return status_out(await node.remove_contribution(name, root))
+
+
+@router.put("/{name}/trusted-keys/{key}", dependencies=[AdminAuth])
+async def trust_key(name: str, key: str, node: NodeDep) -> MergeStatusOut:
+    """Trust an Ed25519 public key (64 hex) to sign contributions to this merge (admin).
+
+    While a merge has trusted keys, uploads must be signed by one of them, and the merge uses
+    only the live contributions signed by a live trusted key (decided from the replicated
+    state, so every replica merges the same set)."""
+    return status_out(await node.add_trusted_key(name, parse_public_key(key)))
+
+
+@router.delete("/{name}/trusted-keys/{key}", dependencies=[AdminAuth])
+async def untrust_key(name: str, key: str, node: NodeDep) -> MergeStatusOut:
+    """Stop trusting a key (admin; observed-remove, a concurrent re-add elsewhere wins)."""
+    return status_out(await node.remove_trusted_key(name, parse_public_key(key)))
 
 
 @router.get(
