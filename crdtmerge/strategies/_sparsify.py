@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,9 @@ from .base import TensorTask
 
 __all__ = [
     "HIST_BINS",
+    "Band",
+    "Cut",
+    "Keep",
     "apply_mask",
     "base_and_deltas",
     "combine",
@@ -48,6 +52,8 @@ __all__ = [
     "l1_norm",
     "magnitude_key",
     "magnitude_mask",
+    "magnitude_cut",
+    "materialize",
     "magnitude_topk",
     "ordered_sum",
     "outlier_mask",
@@ -57,6 +63,9 @@ __all__ = [
     "topk_count",
     "topk_mask",
 ]
+
+#: elements per chunk of the elementwise stages (1 MiB of float32: stays in the CPU cache).
+CHUNK = 1 << 18
 
 # Row length of the fixed-order reduction; below torch's GRAIN_SIZE (32768) so the last
 # reduction is always serial.
@@ -85,8 +94,26 @@ def fixed_sum(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tens
 
 
 def l1_norm(x: torch.Tensor) -> float:
-    """``sum |x|`` accumulated in float64 with :func:`fixed_sum`, as a Python float."""
-    return float(fixed_sum(x.abs(), torch.float64))
+    """``sum |x|`` in float64, bit-identical to ``fixed_sum(x.abs())``, as a Python float.
+
+    The first level of :func:`fixed_sum` (rows of 4096) is computed chunk by chunk, so ``|x|``
+    is never materialised in full; the row sums are then reduced by :func:`fixed_sum` itself.
+    """
+    v = x.reshape(-1)
+    n = v.numel()
+    if n <= _ROW:
+        return float(v.abs().sum(dtype=torch.float64))
+    m = n // _ROW
+    rows = torch.empty(m + (1 if n > m * _ROW else 0), dtype=torch.float64)
+    step = CHUNK - CHUNK % _ROW
+    for start in range(0, m * _ROW, step):
+        stop = min(start + step, m * _ROW)
+        rows[start // _ROW : stop // _ROW] = (
+            v[start:stop].abs().view(-1, _ROW).sum(dim=1, dtype=torch.float64)
+        )
+    if n > m * _ROW:
+        rows[m] = v[m * _ROW :].abs().sum(dtype=torch.float64)
+    return float(fixed_sum(rows, torch.float64))
 
 
 def ordered_sum(terms: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -160,17 +187,26 @@ def _magnitude_kth_float32(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int, 
         many magnitudes are strictly greater, and how many are equal to it.
     """
     flat = x.reshape(-1)
-    hi = flat.view(torch.int16)[1::2]
-    raw = np.bincount(hi.numpy().view(np.uint16), minlength=1 << 16)
+    words = flat.view(torch.int32)
+    halves = flat.view(torch.int16)[1::2]
+    n = flat.numel()
+    # chunked histograms: np.bincount widens its input to intp, so whole-tensor calls would
+    # allocate 8 bytes per element
+    raw = np.zeros(1 << 16, dtype=np.int64)
+    for start in range(0, n, CHUNK):
+        raw += np.bincount(halves[start : start + CHUNK].numpy().view(np.uint16), minlength=1 << 16)
     counts = raw[: 1 << 15] + raw[1 << 15 :]
     from_top = np.cumsum(counts[::-1])
     j = int(np.searchsorted(from_top, k))
     d = (1 << 15) - 1 - j
     above = int(from_top[j]) - int(counts[d])
     rank = k - above
-    in_bucket = (hi == d) | (hi == d - (1 << 15))
-    low = flat.view(torch.int32)[in_bucket] & _DIGIT_MASK
-    counts2 = np.bincount(low.numpy(), minlength=1 << 16)
+    counts2 = np.zeros(1 << 16, dtype=np.int64)
+    for start in range(0, n, CHUNK):
+        h = halves[start : start + CHUNK]
+        in_bucket = (h == d) | (h == d - (1 << 15))
+        low = words[start : start + CHUNK][in_bucket] & _DIGIT_MASK
+        counts2 += np.bincount(low.numpy(), minlength=1 << 16)
     from_top2 = np.cumsum(counts2[::-1])
     j2 = int(np.searchsorted(from_top2, rank))
     lo = _DIGIT_MASK - j2
@@ -178,6 +214,81 @@ def _magnitude_kth_float32(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int, 
     key = (d << 16) | lo
     threshold = torch.tensor([key], dtype=torch.int32).view(torch.float32)[0]
     return threshold, above, int(counts2[lo])
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The top ``k`` entries by magnitude, as a rule: ``|x| > t``, or ``|x| == t`` at a flat
+    index below ``until`` (the index tie-break of :func:`topk_mask`; ``until = n`` keeps every
+    tie)."""
+
+    t: torch.Tensor
+    until: int
+
+    def top(self, c: torch.Tensor, start: int) -> torch.Tensor:
+        """Bool mask of the entries of chunk ``c`` (flat offset ``start``) inside the top k."""
+        stop = start + c.numel()
+        if self.until >= stop:
+            return (c >= self.t) | (c <= -self.t)
+        if self.until <= start:
+            return (c > self.t) | (c < -self.t)
+        split = self.until - start
+        return torch.cat([self.top(c[:split], start), self.top(c[split:], self.until)])
+
+
+@dataclass(frozen=True)
+class Band:
+    """A keep rule by magnitude rank: inside the top ``lo`` and outside the top ``hi`` (a
+    missing cut is no bound). Evaluated chunk by chunk, never materialised in full."""
+
+    lo: Cut | None = None
+    hi: Cut | None = None
+
+    def drop(self, c: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Bool mask of the entries of chunk ``c`` (flat offset ``start``) to drop."""
+        out: torch.Tensor | None = None
+        if self.lo is not None:
+            out = self.lo.top(c, start).logical_not_()
+        if self.hi is not None:
+            high = self.hi.top(c, start)
+            out = high if out is None else out.logical_or_(high)
+        return out if out is not None else torch.zeros(c.shape, dtype=torch.bool)
+
+
+Keep = torch.Tensor | Band | None
+
+
+def materialize(keep: Keep, x: torch.Tensor) -> torch.Tensor:
+    """The keep rule as a bool tensor shaped like ``x``."""
+    if keep is None:
+        return torch.ones(x.shape, dtype=torch.bool)
+    if isinstance(keep, Band):
+        return keep.drop(x.reshape(-1)).logical_not_().reshape(x.shape)
+    return keep
+
+
+def magnitude_cut(x: torch.Tensor, k: int) -> Cut | None:
+    """The rule selecting exactly the top ``k`` of ``|x|`` (``0 < k < n``), or None when the
+    fast path does not apply (not contiguous little-endian float32); see :func:`magnitude_topk`.
+    """
+    n = x.numel()
+    if not 0 < k < n or x.dtype != torch.float32 or not _LITTLE or not x.is_contiguous():
+        return None
+    t, above, equal = _magnitude_kth_float32(x, k)
+    need = k - above
+    if need == equal:
+        return Cut(t, n)
+    flat = x.reshape(-1)
+    seen = 0
+    for start in range(0, n, CHUNK):
+        c = flat[start : start + CHUNK]
+        ties = (c == t) | (c == -t)
+        here = int(torch.count_nonzero(ties))
+        if seen + here >= need:
+            pos = torch.nonzero(ties).reshape(-1)[need - seen - 1]
+            return Cut(t, start + int(pos) + 1)
+        seen += here
+    raise AssertionError("unreachable: the k-th value has ties")
 
 
 def magnitude_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -240,18 +351,26 @@ def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask.reshape(score.shape)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+def magnitude_mask(delta: torch.Tensor, density: float) -> Keep:
     """mergekit ``magnitude``: keep the top ``int(density * n)`` entries by ``|delta|``.
 
     Returns:
-        the keep mask, or None when everything is kept (density >= 1).
+        None when everything is kept (density >= 1), a :class:`Band` when no tie needs
+        breaking, else the keep mask.
     """
     if density >= 1.0:
         return None
-    return magnitude_topk(delta, topk_count(delta.numel(), density))
+    n = delta.numel()
+    k = topk_count(n, density)
+    if k >= n:
+        return None
+    if k <= 0:
+        return torch.zeros(delta.shape, dtype=torch.bool)
+    cut = magnitude_cut(delta, k)
+    return Band(lo=cut) if cut is not None else magnitude_topk(delta, k)
 
 
-def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> Keep:
     """mergekit ``magnitude_outliers`` (Model Breadcrumbs).
 
     With ``n`` entries ranked by ``|delta|``: drop the top ``n_top = int(gamma * n)`` and the
@@ -260,7 +379,8 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     order of :func:`topk_mask` (ties by flat index).
 
     Returns:
-        the keep mask, or None when everything is kept.
+        None when everything is kept, a :class:`Band` when no tie needs breaking, else the
+        keep mask.
     """
     if density >= 1.0 and gamma <= 0.0:
         return None
@@ -271,6 +391,14 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
+    if n_bot == 0 and n_top == 0:
+        return None
+    if n - n_bot <= 0:
+        return torch.zeros(delta.shape, dtype=torch.bool)
+    lo = magnitude_cut(delta, n - n_bot) if n_bot > 0 else None
+    hi = magnitude_cut(delta, n_top) if n_top > 0 else None
+    if (lo is not None or n_bot == 0) and (hi is not None or n_top == 0):
+        return Band(lo=lo, hi=hi)
     keep = magnitude_topk(delta, n - n_bot)
     if n_top > 0:
         keep &= ~magnitude_topk(delta, n_top)
@@ -312,25 +440,34 @@ def rank_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch
 
 
 def apply_mask(
-    delta: torch.Tensor, mask: torch.Tensor | None, rescale: str | None = None, eps: float = 1e-7
+    delta: torch.Tensor, mask: Keep, rescale: str | None = None, eps: float = 1e-7
 ) -> torch.Tensor:
     """Zero the dropped entries of ``delta`` in place; optionally rescale the survivors.
 
-    ``rescale="l1"`` is mergekit's L1-norm matching: the survivors are multiplied by
-    ``L1(delta before) / L1(delta after)`` (norms accumulated in float64 with a fixed order,
-    the ratio applied as one scalar multiply in the compute dtype), skipped when either norm is
-    below ``eps``. ``None`` leaves the survivors as they are. Returns ``delta``.
+    ``mask`` is a keep mask, a :class:`Band` or None (keep all). ``rescale="l1"`` is mergekit's
+    L1-norm matching: the survivors are multiplied by ``L1(delta before) / L1(delta after)``
+    (norms accumulated in float64 with a fixed order, the ratio applied as one scalar multiply
+    in the compute dtype), skipped when either norm is below ``eps``. ``None`` leaves the
+    survivors as they are. Works chunk by chunk. Returns ``delta``.
     """
+    if rescale not in (None, "l1"):
+        raise InvalidRecipe(f"unknown rescale rule {rescale!r}")
     if mask is None:
         return delta
     before = l1_norm(delta) if rescale == "l1" else 0.0
-    delta.masked_fill_(~mask, 0.0)
+    flat = delta.view(-1)
+    flat_mask = mask.reshape(-1) if isinstance(mask, torch.Tensor) else None
+    for start in range(0, flat.numel(), CHUNK):
+        c = flat[start : start + CHUNK]
+        if flat_mask is not None:
+            c.masked_fill_(~flat_mask[start : start + CHUNK], 0.0)
+        else:
+            assert isinstance(mask, Band)
+            c.masked_fill_(mask.drop(c, start), 0.0)
     if rescale == "l1":
         after = l1_norm(delta)
         if before >= eps and after >= eps:
             delta *= before / after
-    elif rescale is not None:
-        raise InvalidRecipe(f"unknown rescale rule {rescale!r}")
     return delta
 
 
@@ -384,57 +521,87 @@ def combine(
     elected sign, +1/-1) and multiplied by ``s`` at the end: IEEE rounding is symmetric in the
     sign, so this is bit-identical to summing the signed agreeing values, in fewer passes.
 
-    ``deltas`` are consumed (overwritten).
+    The work runs in chunks of ``CHUNK`` elements so that every temporary stays in the CPU
+    cache (elementwise results do not depend on the chunking). ``deltas`` are consumed
+    (overwritten).
     """
-    weighted = []
-    for d, w in zip(deltas, weights, strict=True):
-        if w != 1.0:
-            d *= w
-        weighted.append(d)
-    if consensus is not None:
-        majority = elect_sign(weighted, consensus)
-        # unit weights: count the agreeing contributions in uint8 (bool viewed as uint8 adds
-        # in place without a promoted temporary); counts are small exact integers, so the
-        # divisor equals the float sum of the agreeing 1.0 weights bit for bit.
-        unit = len(weights) < 256 and all(w == 1.0 for w in weights)
-        count: torch.Tensor | None = None
-        divisor: torch.Tensor | None = None
-        scratch: torch.Tensor | None = None
-        mixed: torch.Tensor | None = None
-        for wd, w in zip(weighted, weights, strict=True):
-            wd.mul_(majority).clamp_(min=0.0)
+    if not deltas:
+        raise InvalidRecipe("a merge needs at least one contribution")
+    shape = deltas[0].shape
+    out = torch.empty(shape, dtype=deltas[0].dtype)
+    flat_out = out.view(-1)
+    flat = [d.reshape(-1) for d in deltas]
+    flat_base = base.reshape(-1) if base is not None else None
+    # unit weights: count the agreeing contributions in uint8 (bool viewed as uint8 adds in
+    # place without a promoted temporary); counts are small exact integers, so the divisor
+    # equals the float sum of the agreeing 1.0 weights bit for bit.
+    unit = len(weights) < 256 and all(w == 1.0 for w in weights)
+    total = 0.0
+    for w in weights:
+        total += w
+    if abs(total) < 1e-8:
+        total = 1.0
+    n = flat_out.numel()
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        mixed = flat_out[start:stop]
+        weighted = []
+        for d, w in zip(flat, weights, strict=True):
+            c = d[start:stop]
+            if w != 1.0:
+                c *= w
+            weighted.append(c)
+        if consensus is not None:
+            _disjoint_merge(mixed, weighted, weights, consensus, normalize, unit)
+        else:
+            mixed.copy_(weighted[0])
+            for c in weighted[1:]:
+                mixed += c
             if normalize:
-                agree = wd > 0
-                if unit:
-                    if count is None:
-                        count = torch.zeros(wd.shape, dtype=torch.uint8)
-                    count.add_(agree.view(torch.uint8))
-                else:
-                    if scratch is None:
-                        scratch = torch.empty_like(wd)
-                    scratch.copy_(agree).mul_(w)
-                    divisor = scratch.clone() if divisor is None else divisor.add_(scratch)
-            mixed = wd if mixed is None else mixed.add_(wd)
-        if mixed is None:
-            raise InvalidRecipe("a merge needs at least one contribution")
-        mixed.mul_(majority)
-        if count is not None:
-            mixed.div_(count.clamp_(min=1).to(mixed.dtype))
-        elif divisor is not None:
-            divisor.masked_fill_(divisor == 0, 1.0)
-            mixed.div_(divisor)
-    else:
-        mixed = ordered_sum(weighted)
+                mixed /= total
+        if lambda_ != 1.0:
+            mixed *= lambda_
+        if flat_base is not None:
+            mixed += flat_base[start:stop]
+    return out
+
+
+def _disjoint_merge(
+    mixed: torch.Tensor,
+    weighted: list[torch.Tensor],
+    weights: Sequence[float],
+    consensus: str,
+    normalize: bool,
+    unit: bool,
+) -> None:
+    """One chunk of the TIES election + disjoint merge, written into ``mixed``."""
+    majority = elect_sign(weighted, consensus)
+    count: torch.Tensor | None = None
+    divisor: torch.Tensor | None = None
+    scratch: torch.Tensor | None = None
+    for i, (wd, w) in enumerate(zip(weighted, weights, strict=True)):
+        wd.mul_(majority).clamp_(min=0.0)
         if normalize:
-            total = 0.0
-            for w in weights:
-                total += w
-            if abs(total) < 1e-8:
-                total = 1.0
-            mixed /= total
-    if lambda_ != 1.0:
-        mixed *= lambda_
-    return mixed if base is None else mixed.add_(base)
+            agree = wd > 0
+            if unit:
+                if count is None:
+                    count = torch.zeros(wd.shape, dtype=torch.uint8)
+                count.add_(agree.view(torch.uint8))
+            else:
+                if scratch is None:
+                    scratch = torch.empty_like(wd)
+                scratch.copy_(agree).mul_(w)
+                divisor = scratch.clone() if divisor is None else divisor.add_(scratch)
+        if i == 0:
+            mixed.copy_(wd)
+        else:
+            mixed += wd
+    mixed *= majority
+    if count is not None:
+        mixed /= count.clamp_(min=1).to(mixed.dtype)
+    elif divisor is not None:
+        divisor.masked_fill_(divisor == 0, 1.0)
+        mixed /= divisor
 
 
 # --------------------------------------------------------------- whole-model ("global") top-k

@@ -121,25 +121,64 @@ def test_topk_matches_a_stable_sort_reference(dtype: torch.dtype) -> None:
         assert (got == ref).all(), (trial, n, k)
 
 
+def mask(keep: sp.Keep, x: torch.Tensor) -> torch.Tensor:
+    return sp.materialize(keep, x)
+
+
 def test_magnitude_mask_uses_mergekits_k() -> None:
     x = torch.arange(1.0, 11.0)
     assert sp.magnitude_mask(x, 1.0) is None
-    assert not sp.magnitude_mask(x, 0.0).any()
-    assert int(sp.magnitude_mask(x, 0.01).sum()) == 1  # int(0.1) = 0, at least one
-    assert int(sp.magnitude_mask(x, 0.35).sum()) == 3  # int(3.5)
+    assert not mask(sp.magnitude_mask(x, 0.0), x).any()
+    assert int(mask(sp.magnitude_mask(x, 0.01), x).sum()) == 1  # int(0.1) = 0, at least one
+    assert int(mask(sp.magnitude_mask(x, 0.35), x).sum()) == 3  # int(3.5)
+    assert isinstance(sp.magnitude_mask(x, 0.35), sp.Band)
+    # a tie at the k-th value is broken by index: 3 and the first |1|
+    ties = torch.tensor([3.0, 1.0, -1.0, 1.0])
+    assert mask(sp.magnitude_mask(ties, 0.5), ties).tolist() == [True, True, False, False]
 
 
 def test_outlier_mask_drops_top_gamma_and_the_bottom() -> None:
     x = torch.arange(1.0, 11.0)
     # n=10, density .5 -> 5 kept, gamma .1 -> drop the top 1, so n_bot = 10 - 5 - 1 = 4
-    keep = sp.outlier_mask(x, 0.5, 0.1)
+    keep = mask(sp.outlier_mask(x, 0.5, 0.1), x)
     assert x[keep].tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
     # density .8, gamma .3: n_bot = 10 - 8 - 3 = -1 -> only 2 top dropped, nothing at the bottom
-    keep = sp.outlier_mask(x, 0.8, 0.3)
+    keep = mask(sp.outlier_mask(x, 0.8, 0.3), x)
     assert x[keep].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     # gamma 0 keeps the top (mergekit's old off-by-slice bug dropped everything)
-    assert x[sp.outlier_mask(x, 0.3, 0.0)].tolist() == [8.0, 9.0, 10.0]
+    assert x[mask(sp.outlier_mask(x, 0.3, 0.0), x)].tolist() == [8.0, 9.0, 10.0]
     assert sp.outlier_mask(x, 1.0, 0.0) is None
+    # a tie at the top cut falls back to an index tie-break. y = 1 1 2 2 3 3, n=6: target 3,
+    # n_top = int(1.2) = 1, n_bot = 2; order (desc, index asc): idx 4 5 2 3 0 1; keep the
+    # top 4 minus the top 1 = idx 5 2 3
+    y = torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0, 3.0])
+    keep = mask(sp.outlier_mask(y, 0.5, 0.2), y)
+    assert keep.tolist() == [False, False, True, True, False, True]
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 18])
+def test_chunked_keep_rules_match_the_materialised_masks(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sp, "CHUNK", chunk)
+    rng = np.random.Generator(np.random.PCG64(21))
+    for trial in range(60):
+        n = int(rng.integers(2, 700))
+        x = np.round(rng.standard_normal(n) * 3) / 2 if trial % 2 else rng.standard_normal(n)
+        t = torch.from_numpy(x.astype(np.float32))
+        density, gamma = float(rng.random()), float(rng.random()) * 0.3
+        k = sp.topk_count(n, density)
+        expected = sp.topk_mask(t.abs(), k)
+        assert torch.equal(mask(sp.magnitude_mask(t, density), t), expected), trial
+        # breadcrumbs against its definition with two materialised top-k masks
+        target, n_top = int(density * n), int(gamma * n)
+        n_bot = n - target - n_top
+        if n_bot < 0:
+            n_top, n_bot = n_top + n_bot, 0
+        ref = sp.topk_mask(t.abs(), n - n_bot) & ~sp.topk_mask(t.abs(), n_top)
+        assert torch.equal(mask(sp.outlier_mask(t, density, gamma), t), ref), trial
+        pruned = sp.apply_mask(t.clone(), sp.magnitude_mask(t, density))
+        exact(pruned, torch.where(expected, t, torch.zeros(())))
 
 
 def test_sign_election_sum_and_count() -> None:
