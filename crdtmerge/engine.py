@@ -51,10 +51,10 @@ from .tensors import StreamingWriter, TensorInfo, TensorSource, dtype_code, tens
 
 __all__ = ["Contribution", "MergeResult", "hash_source", "merge", "plan_merge"]
 
-#: below this many compute-dtype input bytes per tensor, tensors always run concurrently.
-_MIN_BUDGET_BYTES = 256 << 20
+#: tensors whose compute-dtype inputs together stay under this many bytes may overlap.
+_MIN_BUDGET_BYTES = 128 << 20
 #: how many finished-but-unwritten tensors may wait in the reorder window.
-_WINDOW = 4
+_WINDOW = 3
 
 Progress = Callable[[int, int], None]
 
