@@ -102,8 +102,30 @@ _INLINE_BYTES = 256 * 1024
 _BATCH_BYTES = 256 * 1024 * 1024
 
 
+#: deepest nesting accepted in merge-relevant metadata (real metadata is 2-3 levels deep)
+MAX_METADATA_DEPTH = 32
+
+
 def _u64(value: int) -> bytes:
     return struct.pack("<Q", value)
+
+
+def _check_depth(value: Any, what: str = "metadata") -> None:
+    """Reject nesting deeper than :data:`MAX_METADATA_DEPTH` (iteratively: no recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth >= MAX_METADATA_DEPTH:
+                raise InvalidInput(f"{what} is nested more than {MAX_METADATA_DEPTH} levels deep")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
+def _pack_metadata(metadata: Mapping[str, Any]) -> bytes:
+    value = dict(metadata)
+    _check_depth(value)
+    return canonical_pack(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +223,7 @@ def metadata_leaf(metadata: Mapping[str, Any]) -> bytes:
     Raises:
         InvalidInput: metadata that has no canonical encoding (NaN, non-string keys ...).
     """
-    return domain_hash(_META, canonical_pack(dict(metadata)))
+    return domain_hash(_META, _pack_metadata(metadata))
 
 
 def object_root(
@@ -442,6 +464,8 @@ class Manifest:
         try:
             manifest = cls._from_body(obj)
             canonical = manifest.to_bytes()
+        except InvalidInput:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidInput(f"malformed crdtmerge manifest: {exc}") from None
         if canonical != bytes(data):
@@ -463,6 +487,7 @@ class Manifest:
             raise ValueError("chunk_size must be a positive integer")
         if not isinstance(metadata, dict):
             raise ValueError("metadata must be a map")
+        _check_depth(metadata, "manifest metadata")
         entries = []
         for item in body["tensors"]:
             name, dtype, shape, nbytes, leaves = item
@@ -684,7 +709,7 @@ def read_contribution_metadata(source: TensorSource | Any) -> dict[str, Any]:
             f"got {type(value).__name__}"
         )
     try:
-        canonical_pack(value)
+        _pack_metadata(value)
     except InvalidInput as exc:
         raise InvalidTensorFile(f"{source.label}: __metadata__[{METADATA_KEY!r}]: {exc}") from None
     return value
@@ -701,7 +726,7 @@ def contribution_metadata_header(meta: Mapping[str, Any]) -> dict[str, str]:
         {'crdtmerge': '{"params":{"weight":0.5}}'}
     """
     value = dict(meta)
-    canonical_pack(value)
+    _pack_metadata(value)
     try:
         text = json.dumps(
             value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -749,7 +774,7 @@ def _hash_source(
     source: TensorSource, metadata: Mapping[str, Any] | None, chunk_size: int
 ) -> Manifest:
     meta = read_contribution_metadata(source) if metadata is None else dict(metadata)
-    canonical_pack(meta)  # fail before hashing gigabytes
+    _pack_metadata(meta)  # fail before hashing gigabytes
     infos = source.infos()
     leaves: list[list[bytes]] = [[] for _ in infos]
     batch: list[tuple[int, int, memoryview]] = []  # (tensor position, chunk index, bytes)

@@ -19,7 +19,7 @@ import torch
 from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
 
-from crdtmerge.errors import InvalidTensorFile
+from crdtmerge.errors import IntegrityError, InvalidInput, InvalidTensorFile, UnsupportedVersion
 from crdtmerge.identity import Manifest, TensorHasher, hash_tensors
 from crdtmerge.tensors import StreamingWriter, TensorInfo, open_tensors, write_tensors
 
@@ -144,3 +144,33 @@ def test_mutated_files_only_raise_invalid_tensor_file(
         hash_tensors(path).verify()
     except InvalidTensorFile as exc:
         assert str(path) in exc.detail or "__metadata__" in exc.detail
+
+
+MANIFEST = hash_tensors(
+    {"a": torch.arange(10, dtype=torch.float32), "b": torch.ones(2, 2)},
+    {"params": {"weight": 0.5}},
+    chunk_size=16,
+).to_bytes()
+
+
+@settings(max_examples=200)
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, len(MANIFEST) - 1), st.integers(0, 255)), min_size=1, max_size=4
+    ),
+    cut=st.none() | st.integers(0, len(MANIFEST)),
+)
+def test_mutated_manifests_are_rejected_cleanly(
+    edits: list[tuple[int, int]], cut: int | None
+) -> None:
+    data = bytearray(MANIFEST)
+    for pos, value in edits:
+        data[pos] = value
+    if cut is not None:
+        data = data[:cut]
+    try:
+        decoded = Manifest.from_bytes(bytes(data))
+    except (InvalidInput, IntegrityError, UnsupportedVersion):
+        return
+    assert bytes(data) == MANIFEST  # the only bytes that decode are the original ones
+    assert decoded.to_bytes() == MANIFEST

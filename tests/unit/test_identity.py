@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import blake3
+import msgpack
 import pytest
 import torch
 
@@ -436,3 +437,24 @@ def test_hashing_works_after_fork() -> None:
         child.kill()
     assert not alive, "hashing hung in a forked child"
     assert queue.get(timeout=5) == expected
+
+
+def test_deeply_nested_metadata_is_rejected_cleanly(tmp_path: Path) -> None:
+    """Bug: nesting ~500 deep made canonical encoding raise RecursionError (a crash)."""
+    deep = "[" * 500 + "]" * 500
+    write_tensors(
+        tmp_path / "m.safetensors", {"w": torch.ones(1)}, {"crdtmerge": f'{{"a":{deep}}}'}
+    )
+    with pytest.raises(InvalidTensorFile, match="nested more than 32 levels deep"):
+        hash_tensors(tmp_path / "m.safetensors")
+    value: list = []
+    for _ in range(40):
+        value = [value]
+    with pytest.raises(InvalidInput, match="nested more than 32 levels deep"):
+        hash_tensors({"w": torch.ones(1)}, {"a": value})
+    body = msgpack.packb(
+        ["crdtmerge/manifest", 1, {"chunk_size": 1, "metadata": {"a": value}, "root": bytes(32),
+                                   "tensors": []}]
+    )  # fmt: skip
+    with pytest.raises(InvalidInput, match="manifest metadata is nested more than 32 levels"):
+        Manifest.from_bytes(body)
