@@ -5,7 +5,8 @@ Everything is measured in the same run against its peer:
 
 - **upload**: ``Client.put_object`` of one safetensors file (streamed body; the node writes it
   to a temporary file, validates, hashes, fsyncs and renames it) vs ``shutil.copyfile`` +
-  ``fsync`` of the same bytes;
+  ``fsync`` of the same bytes, and vs the same client posting to a bare uvicorn ASGI app that
+  only drains the body (:func:`drain_app`: the HTTP stack's own ceiling);
 - **download**: ``Client.download_object`` (streamed, fsynced) vs the same copy;
 - **memory**: the node's anonymous RSS (``RssAnon``) growth while receiving the upload,
   sampled every 10 ms (file-backed pages of the memory-mapped hash input are page cache);
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -46,6 +48,18 @@ TOKEN = "bench-token-0123"
 MiB = 1 << 20
 
 
+async def drain_app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+    """A bare ASGI app that reads and discards the request body (the upload baseline)."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
 def write_model(path: Path, total_bytes: int, seed: int, tensor_bytes: int = 64 * MiB) -> None:
     """A float32 tensor set of random N(0,1) values, written streaming."""
     n = max(1, total_bytes // tensor_bytes)
@@ -58,6 +72,12 @@ def write_model(path: Path, total_bytes: int, seed: int, tensor_bytes: int = 64 
     for info in infos:
         w.write(info.name, rng.standard_normal(tensor_bytes // 4, dtype=np.float32).tobytes())
     w.close()
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(MiB):
+            yield chunk
 
 
 def copy_fsync(src: Path, dst: Path) -> float:
@@ -95,20 +115,38 @@ def start_node(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    cmd = ["-m", "node", "--data-dir", str(data_dir), "--port", str(port)]
+    return spawn(cmd, log, port, "/readyz")
+
+
+def start_drain(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        "-m",
+        "uvicorn",
+        "bench.node_bench:drain_app",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    return spawn(cmd, log, port, "/")
+
+
+def spawn(cmd: list[str], log: Path, port: int, probe: str) -> tuple[subprocess.Popen[bytes], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRDTMERGE_")}
     env.update(PYTHONPATH=str(ROOT), CRDTMERGE_TOKEN=TOKEN, CRDTMERGE_MERGE_DEBOUNCE_S="0.05")
     with open(log, "wb") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "--data-dir", str(data_dir), "--port", str(port)],
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
+            [sys.executable, *cmd], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{probe}", timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
@@ -134,6 +172,16 @@ def main() -> int:
     copy_s = min(copy_fsync(big, work / f"copy{i}.safetensors") for i in range(2))
     for i in range(2):
         (work / f"copy{i}.safetensors").unlink()
+
+    drain, drain_url = start_drain(work / "drain.log")
+    try:
+        with Client(drain_url, timeout=600) as c:
+            t0 = time.perf_counter()
+            c._request("POST", "/", content=_chunks(big), headers={"content-length": str(size)})
+            drain_s = time.perf_counter() - t0
+    finally:
+        drain.terminate()
+        drain.wait(30)
 
     proc, url = start_node(work / "node", work / "node.log")
     try:
@@ -195,6 +243,10 @@ def main() -> int:
     print(
         f"upload (validate, hash, fsync)  {upload_s:.2f} s  ({mb / upload_s:.0f} MB/s)"
         f"  = {copy_s / upload_s:.2f}x copy"
+    )
+    print(
+        f"bare uvicorn drain, same client {drain_s:.2f} s  ({mb / drain_s:.0f} MB/s)"
+        f"  node upload = {drain_s / upload_s:.2f}x drain"
     )
     print(
         f"download (streamed, fsync)      {download_s:.2f} s  ({mb / download_s:.0f} MB/s)"
