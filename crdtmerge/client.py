@@ -162,6 +162,14 @@ class Client:
         """
         return self._upload(f"/v1/merges/{merge}/contributions", data, size, progress)
 
+    def trust_key(self, merge: str, key: str) -> dict[str, Any]:
+        """Trust an Ed25519 public key (64 hex) to sign contributions to ``merge`` (admin)."""
+        return self._request("PUT", f"/v1/merges/{merge}/trusted-keys/{key}").json()  # type: ignore[no-any-return]
+
+    def untrust_key(self, merge: str, key: str) -> dict[str, Any]:
+        """Stop trusting a signing key (admin)."""
+        return self._request("DELETE", f"/v1/merges/{merge}/trusted-keys/{key}").json()  # type: ignore[no-any-return]
+
     def remove(self, merge: str, root: str) -> dict[str, Any]:
         """Remove a live contribution (observed-remove)."""
         return self._request("DELETE", f"/v1/merges/{merge}/contributions/{root}").json()  # type: ignore[no-any-return]

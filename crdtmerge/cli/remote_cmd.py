@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("push", help="upload a contribution to a merge on a node")
     common(p)
     p.add_argument("path", metavar="PATH", help="a safetensors file or Hugging Face directory")
+    p.add_argument(
+        "--sign",
+        metavar="KEY",
+        help="sign it with this Ed25519 private key file (`crdtmerge keygen`); needed when the "
+        "merge has trusted keys",
+    )
     p.set_defaults(func=run_push)
 
     p = subparsers.add_parser("status", help="show a merge's status on a node")
@@ -116,11 +122,14 @@ def _progress(label: str, total: int | None) -> _Bar | None:
     return _Bar(label, total) if sys.stderr.isatty() else None
 
 
-def canonical_stream(path: Path) -> tuple[int, Iterator[bytes]]:
+def canonical_stream(
+    path: Path, metadata: dict[str, Any] | None = None
+) -> tuple[int, Iterator[bytes]]:
     """A tensor set (file or HF directory) as ONE canonical safetensors byte stream.
 
     Returns ``(size, chunks)``; tensors are read lazily, one at a time (never the whole model
-    in memory). The merge-relevant metadata is carried over; free-form labels are not.
+    in memory). The merge-relevant metadata is carried over (or replaced by ``metadata``, e.g.
+    a signed one); free-form labels are not.
     """
     from ..identity import read_contribution_metadata
     from ..store import file_metadata
@@ -128,7 +137,8 @@ def canonical_stream(path: Path) -> tuple[int, Iterator[bytes]]:
 
     source = open_tensors(path)
     infos = source.infos()
-    header = canonical_header(infos, file_metadata(read_contribution_metadata(source)))
+    meta = read_contribution_metadata(source) if metadata is None else metadata
+    header = canonical_header(infos, file_metadata(meta))
     size = 8 + len(header) + sum(i.nbytes for i in infos)
 
     def chunks() -> Iterator[bytes]:
@@ -144,11 +154,13 @@ def canonical_stream(path: Path) -> tuple[int, Iterator[bytes]]:
     return size, chunks()
 
 
-def _upload(client: Any, path: Path, merge: str | None) -> Any:
+def _upload(
+    client: Any, path: Path, merge: str | None, metadata: dict[str, Any] | None = None
+) -> Any:
     if not path.exists():
         raise InvalidInput(f"{path}: no such file or directory")
-    if path.is_dir():
-        size, data = canonical_stream(path)
+    if path.is_dir() or metadata is not None:
+        size, data = canonical_stream(path, metadata)
     else:
         size, data = path.stat().st_size, path
     bar = _progress(f"push {path.name}", size)
@@ -216,9 +228,16 @@ def run_recipe_set(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
+    signed = None
+    if args.sign:
+        from .keygen_cmd import signed_metadata
+
+        signed = signed_metadata(Path(args.path), args.sign)
     with _client(args) as client:
-        result = _upload(client, Path(args.path), args.merge)
+        result = _upload(client, Path(args.path), args.merge, signed)
     obj = {"root": result.root, "created": result.created, "size": result.size}
+    if signed is not None:
+        obj["signer"] = signed["signer"]
     _emit(args, obj, f"{result.root} {'added' if result.created else 'already present'}")
     return 0
 
