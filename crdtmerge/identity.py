@@ -55,7 +55,7 @@ from .errors import (
     NotFound,
     UnsupportedVersion,
 )
-from .tensors import TensorInfo, TensorSource, open_tensors
+from .tensors import TensorInfo, TensorSource, _short, open_tensors
 
 __all__ = [
     "CHUNK_SIZE",
@@ -139,7 +139,7 @@ def root_hex(root: bytes) -> str:
         InvalidInput: ``root`` is not 32 bytes.
     """
     if not isinstance(root, bytes | bytearray) or len(root) != 32:
-        raise InvalidInput(f"a root is 32 bytes, got {root!r:.80}")
+        raise InvalidInput(f"a root is 32 bytes, got {_short(root)}")
     return bytes(root).hex()
 
 
@@ -154,11 +154,11 @@ def parse_root(text: str) -> bytes:
         True
     """
     if not isinstance(text, str) or len(text) != 64:
-        raise InvalidInput(f"a root is 64 hex characters, got {text!r:.80}")
+        raise InvalidInput(f"a root is 64 hex characters, got {_short(text)}")
     try:
         return bytes.fromhex(text)
     except ValueError:
-        raise InvalidInput(f"a root is 64 hex characters, got {text!r:.80}") from None
+        raise InvalidInput(f"a root is 64 hex characters, got {_short(text)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def set_root(roots: Iterable[bytes]) -> bytes:
     unique = set()
     for root in roots:
         if not isinstance(root, bytes) or len(root) != 32:
-            raise InvalidInput(f"a root is 32 bytes, got {root!r:.80}")
+            raise InvalidInput(f"a root is 32 bytes, got {_short(root)}")
         unique.add(root)
     return domain_hash(_SET, *sorted(unique))
 
@@ -289,12 +289,12 @@ class TensorEntry:
         expected = _num_chunks(self.nbytes, chunk_size)
         if len(self.chunks) != expected:
             raise IntegrityError(
-                f"manifest: tensor {self.name!r} of {self.nbytes} bytes needs {expected} chunks "
+                f"manifest: tensor {_short(self.name)} of {self.nbytes} bytes needs {expected} chunks "
                 f"of {chunk_size} bytes, the manifest lists {len(self.chunks)}"
             )
         if not all(isinstance(c, bytes) and len(c) == 32 for c in self.chunks):
             raise IntegrityError(
-                f"manifest: tensor {self.name!r} has a chunk leaf that is not 32 bytes"
+                f"manifest: tensor {_short(self.name)} has a chunk leaf that is not 32 bytes"
             )
 
 
@@ -330,7 +330,7 @@ class Manifest:
         ordered = tuple(sorted(entries, key=lambda e: e.name))
         for a, b in zip(ordered, ordered[1:], strict=False):
             if a.name == b.name:
-                raise InvalidInput(f"tensor {a.name!r} appears twice")
+                raise InvalidInput(f"tensor {_short(a.name)} appears twice")
         meta = dict(metadata or {})
         root = object_root(meta, [e.leaf() for e in ordered], chunk_size=chunk_size)
         return cls(root, meta, ordered, chunk_size)
@@ -371,7 +371,7 @@ class Manifest:
         for e in self.tensors:  # an unsorted (unverified) manifest: fall back to a scan
             if e.name == name:
                 return e
-        raise NotFound(f"object {self.root.hex()[:12]} has no tensor named {name!r}")
+        raise NotFound(f"object {self.root.hex()[:12]} has no tensor named {_short(name)}")
 
     def chunk_span(self, name: str, index: int) -> tuple[int, int]:
         """``(offset, length)`` of chunk ``index`` within tensor ``name``'s bytes.
@@ -382,7 +382,7 @@ class Manifest:
         entry = self.entry(name)
         if not 0 <= index < len(entry.chunks):
             raise NotFound(
-                f"tensor {name!r} has {len(entry.chunks)} chunks; there is no chunk {index}"
+                f"tensor {_short(name)} has {len(entry.chunks)} chunks; there is no chunk {index}"
             )
         start = index * self.chunk_size
         return start, min(self.chunk_size, entry.nbytes - start)
@@ -397,7 +397,7 @@ class Manifest:
             IntegrityError: the manifest is inconsistent or does not hash to its root.
         """
         if type(self.chunk_size) is not int or self.chunk_size < 1:
-            raise IntegrityError(f"manifest: chunk_size {self.chunk_size!r} is not positive")
+            raise IntegrityError(f"manifest: chunk_size {_short(self.chunk_size)} is not positive")
         names = [e.name for e in self.tensors]
         if any(a >= b for a, b in zip(names, names[1:], strict=False)):
             raise IntegrityError("manifest: tensors are not sorted by name without duplicates")
@@ -458,7 +458,7 @@ class Manifest:
             raise InvalidInput("not a crdtmerge manifest (missing tag)")
         if obj[1] != MANIFEST_VERSION:
             raise UnsupportedVersion(
-                f"manifest format version {obj[1]!r} is not supported (this code reads "
+                f"manifest format version {_short(obj[1])} is not supported (this code reads "
                 f"version {MANIFEST_VERSION}); upgrade crdtmerge"
             )
         try:
@@ -500,7 +500,7 @@ class Manifest:
                 and isinstance(leaves, bytes)
                 and len(leaves) % 32 == 0
             ):
-                raise ValueError(f"bad tensor entry {str(item)[:80]}")
+                raise ValueError(f"bad tensor entry {_short(item)}")
             chunks = tuple(leaves[i : i + 32] for i in range(0, len(leaves), 32))
             entries.append(TensorEntry(name, dtype, tuple(shape), nbytes, chunks))
         return cls(root, metadata, tuple(entries), chunk_size)
@@ -538,11 +538,11 @@ def verify_chunk(
     view = memoryview(data).cast("B")
     if len(view) != length:
         raise IntegrityError(
-            f"chunk {index} of tensor {tensor_name!r}: expected {length} bytes, got {len(view)}"
+            f"chunk {index} of tensor {_short(tensor_name)}: expected {length} bytes, got {len(view)}"
         )
     if chunk_leaf(index, view) != entry.chunks[index]:
         raise IntegrityError(
-            f"chunk {index} of tensor {tensor_name!r} does not hash to its leaf in manifest "
+            f"chunk {index} of tensor {_short(tensor_name)} does not hash to its leaf in manifest "
             f"{manifest.root.hex()[:12]}; the bytes are corrupt"
         )
 
@@ -599,7 +599,7 @@ def _chunk_leaves(view: memoryview, chunk_size: int, first_index: int = 0) -> li
 
 def _check_chunk_size(chunk_size: int) -> None:
     if type(chunk_size) is not int or chunk_size < 1:
-        raise InvalidInput(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        raise InvalidInput(f"chunk_size must be a positive integer, got {_short(chunk_size)}")
 
 
 class TensorHasher:
@@ -638,7 +638,7 @@ class TensorHasher:
         view = memoryview(data).cast("B")
         if self._seen + len(view) > self.info.nbytes:
             raise InvalidInput(
-                f"tensor {self.info.name!r}: got more than its {self.info.nbytes} bytes"
+                f"tensor {_short(self.info.name)}: got more than its {self.info.nbytes} bytes"
             )
         self._seen += len(view)
         if self._partial is not None:
@@ -671,7 +671,7 @@ class TensorHasher:
         """
         if self._seen != self.info.nbytes:
             raise InvalidInput(
-                f"tensor {self.info.name!r}: got {self._seen} of its {self.info.nbytes} bytes"
+                f"tensor {_short(self.info.name)}: got {self._seen} of its {self.info.nbytes} bytes"
             )
         i = self.info
         return TensorEntry(i.name, i.dtype, i.shape, i.nbytes, tuple(self._leaves))
@@ -701,17 +701,19 @@ def read_contribution_metadata(source: TensorSource | Any) -> dict[str, Any]:
         value = json.loads(text, parse_constant=reject)
     except (ValueError, RecursionError) as exc:
         raise InvalidTensorFile(
-            f"{source.label}: __metadata__[{METADATA_KEY!r}] is not valid JSON: {exc}"
+            f"{source.label}: __metadata__[{_short(METADATA_KEY)}] is not valid JSON: {exc}"
         ) from None
     if not isinstance(value, dict):
         raise InvalidTensorFile(
-            f"{source.label}: __metadata__[{METADATA_KEY!r}] must be a JSON object, "
+            f"{source.label}: __metadata__[{_short(METADATA_KEY)}] must be a JSON object, "
             f"got {type(value).__name__}"
         )
     try:
         _pack_metadata(value)
     except InvalidInput as exc:
-        raise InvalidTensorFile(f"{source.label}: __metadata__[{METADATA_KEY!r}]: {exc}") from None
+        raise InvalidTensorFile(
+            f"{source.label}: __metadata__[{_short(METADATA_KEY)}]: {exc}"
+        ) from None
     return value
 
 

@@ -37,6 +37,7 @@ import json
 import math
 import mmap
 import os
+import reprlib
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -78,6 +79,16 @@ SINGLE_FILENAME = "model.safetensors"
 
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 100
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 8
+_REPR.maxlevel = 3
+
+
+def _short(value: object) -> str:
+    """A bounded ``repr`` for error messages (hostile input may hold huge or deep values)."""
+    return _REPR.repr(value)
+
 
 @dataclass(frozen=True)
 class DType:
@@ -113,7 +124,9 @@ def _dtype(code: str) -> DType:
     try:
         return DTYPES[code]
     except (KeyError, TypeError):
-        raise InvalidTensorFile(f"unknown dtype {code!r}; supported: {', '.join(DTYPES)}") from None
+        raise InvalidTensorFile(
+            f"unknown dtype {_short(code)}; supported: {', '.join(DTYPES)}"
+        ) from None
 
 
 def torch_dtype(code: str) -> torch.dtype:
@@ -167,20 +180,20 @@ class TensorInfo:
                 ``prod(shape) * itemsize``.
         """
         if not isinstance(self.name, str) or self.name == "__metadata__":
-            raise InvalidInput(f"invalid tensor name {self.name!r}")
+            raise InvalidInput(f"invalid tensor name {_short(self.name)}")
         _check_utf8(self.name, "tensor name")
         if self.dtype not in DTYPES:
-            raise InvalidInput(f"tensor {self.name!r}: unknown dtype {self.dtype!r}")
+            raise InvalidInput(f"tensor {_short(self.name)}: unknown dtype {_short(self.dtype)}")
         if not isinstance(self.shape, tuple) or not all(
             type(d) is int and d >= 0 for d in self.shape
         ):
             raise InvalidInput(
-                f"tensor {self.name!r}: shape {self.shape!r} is not non-negative ints"
+                f"tensor {_short(self.name)}: shape {_short(self.shape)} is not non-negative ints"
             )
         expected = math.prod(self.shape) * DTYPES[self.dtype].itemsize
         if self.nbytes != expected:
             raise InvalidInput(
-                f"tensor {self.name!r}: {self.dtype} {list(self.shape)} needs {expected} bytes, "
+                f"tensor {_short(self.name)}: {self.dtype} {list(self.shape)} needs {expected} bytes, "
                 f"info says {self.nbytes}"
             )
 
@@ -189,7 +202,7 @@ def _check_utf8(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidInput(f"{what} {text!r} is not valid UTF-8 (lone surrogate)") from None
+        raise InvalidInput(f"{what} {_short(text)} is not valid UTF-8 (lone surrogate)") from None
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -238,7 +251,7 @@ class TensorSource:
         try:
             return self._infos[name]
         except KeyError:
-            raise NotFound(f"no tensor named {name!r} in {self.label}") from None
+            raise NotFound(f"no tensor named {_short(name)} in {self.label}") from None
 
     def buffer(self, name: str) -> memoryview:
         """The tensor's raw little-endian bytes (zero-copy where possible; read-only)."""
@@ -288,9 +301,11 @@ class _DictSource(TensorSource):
         self._tensors: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
             if not isinstance(name, str):
-                raise InvalidInput(f"tensor names must be strings, got {name!r}")
+                raise InvalidInput(f"tensor names must be strings, got {_short(name)}")
             if not isinstance(t, torch.Tensor):
-                raise InvalidInput(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+                raise InvalidInput(
+                    f"tensor {_short(name)} is a {type(t).__name__}, not a torch.Tensor"
+                )
             info = TensorInfo.of(name, t)
             info.check()
             self._infos[name] = info
@@ -354,7 +369,7 @@ class _FileSource(TensorSource):
             if name in self._infos:
                 other = self._shards[self._where[name][0]].path.name
                 raise InvalidTensorFile(
-                    f"{self._label}: tensor {name!r} appears in two shards ({other} and "
+                    f"{self._label}: tensor {_short(name)} appears in two shards ({other} and "
                     f"{path.name}); each tensor must be stored once"
                 )
             self._infos[name] = info
@@ -467,7 +482,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise InvalidTensorFile(f"duplicate key {key!r} in header JSON")
+            raise InvalidTensorFile(f"duplicate key {_short(key)} in header JSON")
         out[key] = value
     return out
 
@@ -525,12 +540,12 @@ def parse_header(raw: bytes, data_len: int, label: str = "safetensors header") -
     for begin, end, name in spans:
         if begin < position:
             raise InvalidTensorFile(
-                f"{label}: tensors {previous!r} and {name!r} overlap (offset {begin} < "
+                f"{label}: tensors {_short(previous)} and {_short(name)} overlap (offset {begin} < "
                 f"{position}); each byte must belong to one tensor"
             )
         if begin > position:
             raise InvalidTensorFile(
-                f"{label}: gap of {begin - position} bytes before tensor {name!r} (offset "
+                f"{label}: gap of {begin - position} bytes before tensor {_short(name)} (offset "
                 f"{position}..{begin} belongs to no tensor)"
             )
         position = end
@@ -547,11 +562,11 @@ def _check_file_text(text: str, label: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidTensorFile(f"{label}: {what} {text!r} is not valid UTF-8") from None
+        raise InvalidTensorFile(f"{label}: {what} {_short(text)} is not valid UTF-8") from None
 
 
 def _parse_entry(name: str, entry: Any, data_len: int, label: str) -> tuple[TensorInfo, int, int]:
-    where = f"{label}: tensor {name!r}"
+    where = f"{label}: tensor {_short(name)}"
     if not isinstance(entry, dict):
         raise InvalidTensorFile(f"{where}: entry must be an object, got {type(entry).__name__}")
     if set(entry) != _TENSOR_KEYS:
@@ -561,11 +576,13 @@ def _parse_entry(name: str, entry: Any, data_len: int, label: str) -> tuple[Tens
         )
     code = entry["dtype"]
     if code not in DTYPES if isinstance(code, str) else True:
-        raise InvalidTensorFile(f"{where}: unknown dtype {code!r}; supported: {', '.join(DTYPES)}")
+        raise InvalidTensorFile(
+            f"{where}: unknown dtype {_short(code)}; supported: {', '.join(DTYPES)}"
+        )
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise InvalidTensorFile(
-            f"{where}: shape must be a list of non-negative integers, got {shape!r}"
+            f"{where}: shape must be a list of non-negative integers, got {_short(shape)}"
         )
     offsets = entry["data_offsets"]
     if (
@@ -575,7 +592,7 @@ def _parse_entry(name: str, entry: Any, data_len: int, label: str) -> tuple[Tens
         or offsets[0] > offsets[1]
     ):
         raise InvalidTensorFile(
-            f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}"
+            f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {_short(offsets)}"
         )
     begin, end = offsets
     if end > data_len:
@@ -614,7 +631,7 @@ def _parse_index(index_path: Path) -> dict[str, list[str]]:
     for name, shard in weight_map.items():
         if shard in ("", ".", "..") or "/" in shard or "\\" in shard:
             raise InvalidTensorFile(
-                f"{label}: shard name {shard!r} for tensor {name!r} must be a plain file name "
+                f"{label}: shard name {_short(shard)} for tensor {_short(name)} must be a plain file name "
                 "in the same directory"
             )
         shards.setdefault(shard, []).append(name)
@@ -628,7 +645,7 @@ def _open_directory(path: Path) -> TensorSource:
         for shard in sorted(shards):
             if not (path / shard).is_file():
                 raise InvalidTensorFile(
-                    f"{index_path}: weight_map points at missing shard {shard!r}"
+                    f"{index_path}: weight_map points at missing shard {_short(shard)}"
                 )
         source = _FileSource([path / s for s in sorted(shards)], str(path))
         try:
@@ -636,7 +653,7 @@ def _open_directory(path: Path) -> TensorSource:
                 for name in names:
                     if name not in source or source.shard_of(name).name != shard:
                         raise InvalidTensorFile(
-                            f"{index_path}: weight_map says tensor {name!r} is in {shard!r} "
+                            f"{index_path}: weight_map says tensor {_short(name)} is in {_short(shard)} "
                             "but that shard does not hold it"
                         )
             if len(source) != sum(len(n) for n in shards.values()):
@@ -702,7 +719,7 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     for key, value in out.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidInput(
-                f"safetensors __metadata__ maps strings to strings; got {key!r}: {value!r}"
+                f"safetensors __metadata__ maps strings to strings; got {_short(key)}: {_short(value)}"
             )
         _check_utf8(key, "__metadata__ key")
         _check_utf8(value, "__metadata__ value")
@@ -716,7 +733,7 @@ def _sorted_infos(infos: Sequence[TensorInfo]) -> list[TensorInfo]:
             raise InvalidInput(f"expected TensorInfo, got {type(info).__name__}")
         info.check()
         if i and ordered[i - 1].name == info.name:
-            raise InvalidInput(f"tensor {info.name!r} listed twice")
+            raise InvalidInput(f"tensor {_short(info.name)} listed twice")
     return ordered
 
 
@@ -823,7 +840,7 @@ class StreamingWriter:
             type(max_shard_bytes) is not int or max_shard_bytes < 1
         ):
             raise InvalidInput(
-                f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}"
+                f"max_shard_bytes must be a positive integer, got {_short(max_shard_bytes)}"
             )
         target = Path(path_or_dir)
         plan: list[list[TensorInfo]] = [[]]
@@ -898,17 +915,17 @@ class StreamingWriter:
             raise InvalidInput("writer is closed")
         expected = self.expected_name
         if expected is None:
-            raise InvalidInput(f"unexpected tensor {name!r}: all tensors have been written")
+            raise InvalidInput(f"unexpected tensor {_short(name)}: all tensors have been written")
         if name != expected:
             raise InvalidInput(
-                f"tensors must be written in sorted name order: expected {expected!r}, got {name!r}"
+                f"tensors must be written in sorted name order: expected {_short(expected)}, got {_short(name)}"
             )
         info = self._infos[self._next]
         if isinstance(data, torch.Tensor):
             got = (dtype_code(data.dtype), tuple(data.shape))
             if got != (info.dtype, info.shape):
                 raise InvalidInput(
-                    f"tensor {name!r}: declared {info.dtype} {list(info.shape)}, "
+                    f"tensor {_short(name)}: declared {info.dtype} {list(info.shape)}, "
                     f"got {got[0]} {list(got[1])}"
                 )
             view = tensor_bytes(data)
@@ -916,7 +933,7 @@ class StreamingWriter:
             view = memoryview(data).cast("B")
             if len(view) != info.nbytes:
                 raise InvalidInput(
-                    f"tensor {name!r}: declared {info.nbytes} bytes, got {len(view)}"
+                    f"tensor {_short(name)}: declared {info.nbytes} bytes, got {len(view)}"
                 )
         while self._left_in_shard == 0:
             self._temps[-1].finish()
@@ -940,7 +957,7 @@ class StreamingWriter:
             missing = len(self._infos) - self._next
             self.abort()
             raise InvalidInput(
-                f"writer closed with {missing} tensors not written (next: {self.expected_name!r})"
+                f"writer closed with {missing} tensors not written (next: {_short(self.expected_name)})"
             )
         try:
             while self._shard < len(self._plan) - 1:  # trailing shards hold no tensors

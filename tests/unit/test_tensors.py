@@ -431,3 +431,17 @@ def test_shards_disagreeing_on_contribution_metadata(tmp_path: Path) -> None:
     index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
     with pytest.raises(InvalidTensorFile, match=r"shards disagree on __metadata__\['crdtmerge'\]"):
         open_tensors(tmp_path)
+
+
+def test_error_messages_stay_short_for_huge_or_deep_values(tmp_path: Path) -> None:
+    deep = "[" * 900 + "]" * 900
+    long_name = "n" * 1_000_000
+    for header in (
+        f'{{"w":{{"dtype":"F32","shape":{deep},"data_offsets":[0,8]}}}}',
+        json.dumps({long_name: entry("C64", [2], 0, 8)}),
+        json.dumps({"w": entry("F32", list(range(100_000)), 0, 8)}),
+    ):
+        path = raw_file(tmp_path / "bad.safetensors", header, GOOD_DATA)
+        with pytest.raises(InvalidTensorFile) as info:
+            open_tensors(path)
+        assert len(info.value.detail) < 600, info.value.detail[:200]
