@@ -33,6 +33,7 @@ def serve(settings: Settings) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        server_header=False,  # idle gossip is mostly headers (node.gossip)
         lifespan="on",
     )
     log.info("listening on http://%s:%d", settings.host, settings.port)

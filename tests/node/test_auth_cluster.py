@@ -7,9 +7,8 @@ import pytest
 
 from crdtmerge.errors import InvalidInput, Unauthorized
 from node.auth_cluster import (
-    HEADER_NONCE,
+    HEADER_AUTH,
     HEADER_SIGNATURE,
-    HEADER_TIMESTAMP,
     ClusterAuth,
     ClusterKey,
     RequestVerifier,
@@ -31,7 +30,7 @@ def test_valid_request_is_accepted_and_returns_sender():
         "POST", "/v1/replication/index?m=a", b"payload", headers, now=NOW + 5
     )
     assert node == "n1"
-    assert nonce == headers[HEADER_NONCE]
+    assert nonce == headers[HEADER_AUTH].split(" ")[3]
 
 
 @pytest.mark.parametrize(
@@ -64,7 +63,9 @@ def test_unsigned_request_is_refused():
 def test_tampered_timestamp_is_refused():
     key = ClusterKey(SECRET)
     headers = _signed(key)
-    headers[HEADER_TIMESTAMP] = str(int(NOW) + 1)
+    parts = headers[HEADER_AUTH].split(" ")
+    parts[2] = str(int(NOW) + 1)
+    headers[HEADER_AUTH] = " ".join(parts)
     with pytest.raises(Unauthorized, match="signature does not match"):
         RequestVerifier(key).verify(
             "POST", "/v1/replication/index?m=a", b"payload", headers, now=NOW
@@ -101,6 +102,16 @@ def test_full_nonce_cache_fails_closed_for_older_requests():
         verifier.verify("GET", "/x", b"", old, now=NOW + 3)
 
 
+def test_node_id_is_bound_by_the_signature():
+    key = ClusterKey(SECRET)
+    headers = _signed(key)
+    headers[HEADER_AUTH] = headers[HEADER_AUTH].replace(" n1 ", " n2 ")
+    with pytest.raises(Unauthorized, match="signature does not match"):
+        RequestVerifier(key).verify(
+            "POST", "/v1/replication/index?m=a", b"payload", headers, now=NOW
+        )
+
+
 def test_short_secret_is_rejected_at_startup():
     with pytest.raises(InvalidInput, match="at least 16"):
         load_cluster_secret("short", env={})
@@ -122,11 +133,20 @@ def _server(key: ClusterKey, *, sign: bool = True, status: int = 200):
     return httpx.MockTransport(handler)
 
 
-def test_client_auth_round_trip():
+def test_client_auth_round_trip_without_default_headers():
     key = ClusterKey(SECRET)
-    with httpx.Client(transport=_server(key), auth=ClusterAuth(key, "n2")) as client:
+    seen = []
+    server = _server(key)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers)
+        return server.handler(request)  # type: ignore[attr-defined]
+
+    client = httpx.Client(transport=httpx.MockTransport(handler), auth=ClusterAuth(key, "n2"))
+    with client:
         response = client.post("http://peer/v1/replication/index?m=a", content=b"x")
     assert response.content == b"state"
+    assert "user-agent" not in seen[0] and "accept-encoding" not in seen[0]
 
 
 def test_unsigned_success_response_is_refused():
