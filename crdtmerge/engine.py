@@ -114,7 +114,7 @@ def merge(
             ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``). It must not
             exist yet.
         max_shard_bytes: split a directory output into shards of at most this many bytes.
-        threads: CPU threads to use (default: all cores).
+        threads: CPU threads to use (default: ``torch.get_num_threads()``).
         device: where the arithmetic runs; ``"cpu"`` is the determinism contract.
         progress: called as ``progress(done_bytes, total_bytes)`` after each written tensor.
 
@@ -231,8 +231,7 @@ class _Runner:
     def __init__(self, plan: MergePlan, *, threads: int | None, device: torch.device) -> None:
         self.plan = plan
         self.device = device
-        cores = os.cpu_count() or 1
-        self.threads = max(1, threads if threads is not None else cores)
+        self.threads = max(1, threads if threads is not None else torch.get_num_threads())
         self.workers = min(2, self.threads)
         n_inputs = len(plan.contributions) + (1 if plan.base is not None else 0)
         self._cost = {t.name: t.numel * n_inputs * _itemsize(t.compute_dtype) for t in plan.tensors}
@@ -255,6 +254,7 @@ class _Runner:
         in_use = 0
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="crdtmerge-merge")
         cancel = threading.Event()
+        saved = torch.get_num_threads()
 
         def job(tp: TensorPlan, alone: bool) -> Any:
             if cancel.is_set():
@@ -278,6 +278,7 @@ class _Runner:
         finally:
             cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(saved)  # the workers' calls also touch the process default
 
     # -- per tensor ---------------------------------------------------------------------------
 
