@@ -23,8 +23,9 @@ contribution without a base is returned unchanged (mergekit does the same with a
 a set that shrinks to one member still has a defined merge.
 
 **nuslerp** (mergekit ``nuslerp``): exactly two contributions; ``t = w_1 / (w_0 + w_1)`` from
-the per-model ``weight`` (0.5 when ``|w_0 + w_1| < 1e-6``), so the result does not depend on the
-order beyond float rounding. With a base, the task vectors are slerped and added to the base.
+the per-model ``weight`` (mergekit requires it; ours defaults to 1, i.e. ``t = 0.5``; and
+``t = 0.5`` when ``|w_0 + w_1| < 1e-6``), so the result does not depend on the order beyond
+float rounding. With a base, the task vectors are slerped and added to the base.
 ``nuslerp_flatten`` (default true) treats the tensor as one vector; otherwise each vector along
 the last dimension (each row of a matrix) is slerped on its own, or, with ``nuslerp_row_wise``,
 each vector along dimension 0 (each *column* of a matrix -- mergekit's naming, kept). Norms are
