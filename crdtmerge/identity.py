@@ -479,7 +479,7 @@ class Manifest:
             raise ValueError("expected [tag, version, body]")
         body = obj[2]
         if set(body) != {"root", "chunk_size", "metadata", "tensors"}:
-            raise ValueError(f"unexpected fields {sorted(body)}")
+            raise ValueError(f"unexpected fields {_short(sorted(body))}")
         root, chunk_size, metadata = body["root"], body["chunk_size"], body["metadata"]
         if not isinstance(root, bytes) or len(root) != 32:
             raise ValueError("root must be 32 bytes")

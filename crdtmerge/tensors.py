@@ -193,7 +193,7 @@ class TensorInfo:
         expected = math.prod(self.shape) * DTYPES[self.dtype].itemsize
         if self.nbytes != expected:
             raise InvalidInput(
-                f"tensor {_short(self.name)}: {self.dtype} {list(self.shape)} needs {expected} bytes, "
+                f"tensor {_short(self.name)}: {self.dtype} {_short(list(self.shape))} needs {expected} bytes, "
                 f"info says {self.nbytes}"
             )
 
@@ -572,7 +572,7 @@ def _parse_entry(name: str, entry: Any, data_len: int, label: str) -> tuple[Tens
     if set(entry) != _TENSOR_KEYS:
         raise InvalidTensorFile(
             f"{where}: entry must have exactly the keys dtype, shape, data_offsets; "
-            f"got {sorted(entry)}"
+            f"got {_short(sorted(entry))}"
         )
     code = entry["dtype"]
     if code not in DTYPES if isinstance(code, str) else True:
@@ -603,7 +603,7 @@ def _parse_entry(name: str, entry: Any, data_len: int, label: str) -> tuple[Tens
     expected = math.prod(shape) * DTYPES[code].itemsize
     if end - begin != expected:
         raise InvalidTensorFile(
-            f"{where}: shape {shape} of {code} needs {expected} bytes but data_offsets span "
+            f"{where}: shape {_short(shape)} of {code} needs {expected} bytes but data_offsets span "
             f"{end - begin}"
         )
     return TensorInfo(name, code, tuple(shape), expected), begin, end
@@ -925,8 +925,8 @@ class StreamingWriter:
             got = (dtype_code(data.dtype), tuple(data.shape))
             if got != (info.dtype, info.shape):
                 raise InvalidInput(
-                    f"tensor {_short(name)}: declared {info.dtype} {list(info.shape)}, "
-                    f"got {got[0]} {list(got[1])}"
+                    f"tensor {_short(name)}: declared {info.dtype} {_short(list(info.shape))}, "
+                    f"got {got[0]} {_short(list(got[1]))}"
                 )
             view = tensor_bytes(data)
         else:
