@@ -23,6 +23,7 @@ from crdtmerge import __version__
 from crdtmerge.errors import CrdtMergeError
 
 from .gossip import Replication
+from .ratelimit import RequestLimits
 from .routes import api_router, health
 from .runtime import NodeRuntime
 from .settings import Settings
@@ -75,6 +76,7 @@ def create_app(
     app.state.settings = settings
     app.add_exception_handler(CrdtMergeError, _crdtmerge_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_middleware(RequestLimits, settings=settings)  # 429 before any route runs
     app.include_router(health.router)
     app.include_router(api_router())
     return app
