@@ -132,6 +132,9 @@ def test_golden_vectors() -> None:
         }
         manifest = hash_tensors(tensors, case["metadata"], chunk_size=case["chunk_size"])
         assert manifest.root_hex == case["root"], case["name"]
+        # the manifest wire format is pinned too
+        assert manifest.to_bytes().hex() == case["manifest"], case["name"]
+        assert Manifest.from_bytes(bytes.fromhex(case["manifest"])) == manifest
 
 
 _TORCH = {"F32": torch.float32, "F16": torch.float16, "I64": torch.int64, "U8": torch.uint8,
