@@ -9,16 +9,18 @@ decodes and validates every embedded document before returning (a malformed mess
 Messages (see ``docs/architecture.md``, "Replica core", for the exchange):
 
 * :class:`DigestMessage` -- an anti-entropy round opener (``reply=False``) or the answer of a
-  peer whose state matched (``reply=True``); carries one :class:`MergeSummary` per merge.
+  peer whose state matched (``reply=True``); carries the whole-state hash and, when
+  ``listed``, one :class:`MergeSummary` per merge.
 * :class:`ChangedNotice` -- best-effort "I changed" push after a local write; the receiver
   compares summaries and pulls at once.
 * :class:`IndexMessage` -- full documents of the merges whose hashes differed, plus ``want``:
   the merges the sender wants back (push-pull in one and a half round trips).
 
-Idle rounds cost one ``DigestMessage`` each way: about 30 bytes plus 70 per merge.
+Idle rounds cost one ``DigestMessage`` each way: about 100 bytes when the hash alone is sent,
+plus about 75 per merge when the summaries are listed inline.
 
 Example:
-    >>> m = DigestMessage("node-a", (MergeSummary("m", b"\\0" * 32, b"\\1" * 32),))
+    >>> m = DigestMessage.of("node-a", (MergeSummary("m", b"\\0" * 32, b"\\1" * 32),))
     >>> decode(encode(m)) == m
     True
 """
@@ -31,6 +33,7 @@ from typing import Any
 
 import msgpack
 
+from .canonical import domain_hash
 from .crdt.document import MergeDocument
 from .crdt.state import check_merge_name
 from .errors import (
@@ -50,6 +53,7 @@ __all__ = [
     "Message",
     "decode",
     "encode",
+    "summaries_hash",
 ]
 
 PROTOCOL_VERSION = 1
@@ -66,12 +70,19 @@ def _check_sender(sender: Any) -> str:
     return sender
 
 
+_VALID_NAMES: set[str] = set()  # names already checked (a node sees few distinct merges)
+
+
 def _check_sorted_names(names: list[str], what: str) -> None:
     for name in names:
+        if isinstance(name, str) and name in _VALID_NAMES:
+            continue
         try:
             check_merge_name(name)
         except CrdtMergeError as exc:
             raise LocalProtocolError(f"{what}: {exc.detail}") from exc
+        if len(_VALID_NAMES) < 100_000:
+            _VALID_NAMES.add(name)
     if any(b <= a for a, b in zip(names, names[1:], strict=False)):
         raise LocalProtocolError(f"{what} must be strictly sorted by merge name")
 
@@ -104,19 +115,45 @@ def _check_summaries(merges: Any) -> None:
         raise LocalProtocolError("merges must be strictly sorted by merge name")
 
 
+def summaries_hash(merges: tuple[MergeSummary, ...]) -> bytes:
+    """The whole-state hash of a replica with these merges (= ``NodeState.state_hash()``)."""
+    parts = []
+    for m in merges:
+        parts.append(m.name.encode())
+        parts.append(m.state_hash)
+    return domain_hash("crdtmerge/v1/node-state", *parts)
+
+
 @dataclass(frozen=True)
 class DigestMessage:
-    """Anti-entropy digest: the sender's per-merge summaries."""
+    """Anti-entropy digest: the sender's whole-state hash, and its per-merge summaries when
+    ``listed`` (a replica with few merges lists them inline; otherwise it sends the hash alone
+    and lists them only when asked, by a peer whose hash differs)."""
 
     sender: str
-    merges: tuple[MergeSummary, ...]
+    state_hash: bytes
+    merges: tuple[MergeSummary, ...] = ()
+    listed: bool = True
     reply: bool = False
 
     def __post_init__(self) -> None:
         _check_sender(self.sender)
+        if not isinstance(self.state_hash, bytes) or len(self.state_hash) != 32:
+            raise LocalProtocolError("digest state_hash must be 32 bytes")
         _check_summaries(self.merges)
-        if not isinstance(self.reply, bool):
-            raise LocalProtocolError("reply must be a bool")
+        if not isinstance(self.reply, bool) or not isinstance(self.listed, bool):
+            raise LocalProtocolError("reply and listed must be bools")
+        if not self.listed and self.merges:
+            raise LocalProtocolError("an unlisted digest carries no merge summaries")
+        if self.listed and summaries_hash(self.merges) != self.state_hash:
+            raise LocalProtocolError("digest state_hash does not match its merge summaries")
+
+    @classmethod
+    def of(
+        cls, sender: str, merges: tuple[MergeSummary, ...], listed: bool = True, reply: bool = False
+    ) -> DigestMessage:
+        """A digest of ``merges`` (listed inline, or as the whole-state hash only)."""
+        return cls(sender, summaries_hash(merges), merges if listed else (), listed, reply)
 
 
 @dataclass(frozen=True)
@@ -175,6 +212,8 @@ def encode(message: Message) -> bytes:
         "merges": _summaries_obj(message.merges),
     }
     if isinstance(message, DigestMessage):
+        obj["state"] = message.state_hash
+        obj["listed"] = message.listed
         obj["reply"] = message.reply
     elif isinstance(message, IndexMessage):
         obj["documents"] = [[name, doc.to_bytes()] for name, doc in message.documents]
@@ -183,7 +222,7 @@ def encode(message: Message) -> bytes:
 
 
 _FIELDS = {
-    "digest": {"v", "type", "from", "merges", "reply"},
+    "digest": {"v", "type", "from", "state", "merges", "listed", "reply"},
     "changed": {"v", "type", "from", "merges"},
     "index": {"v", "type", "from", "merges", "documents", "want"},
 }
@@ -238,7 +277,7 @@ def decode(data: bytes) -> Message:
     try:
         merges = _summaries(obj["merges"])
         if kind == "digest":
-            return DigestMessage(obj["from"], merges, obj["reply"])
+            return DigestMessage(obj["from"], obj["state"], merges, obj["listed"], obj["reply"])
         if kind == "changed":
             return ChangedNotice(obj["from"], merges)
         documents_obj, want = obj["documents"], obj["want"]

@@ -12,9 +12,12 @@ Rules:
   ``[Persist(doc), Ack, DigestChanged?, FetchObjects?, Send(peer, ChangedNotice) ...]``: the
   write is durable before it is acknowledged or revealed to anyone (dot safety).
 * **Anti-entropy** (Demers et al. 1987, push-pull): on :class:`~.events.Tick` the replica sends
-  a :class:`~crdtmerge.wire.DigestMessage` (one ``(name, state_hash, digest)`` per merge) to one
-  peer, round-robin over a shuffled order (:mod:`.peers`). The receiver compares: if every
-  state hash matches it answers with its own digest (``reply=True``); otherwise it sends an
+  a :class:`~crdtmerge.wire.DigestMessage` to one peer, round-robin over a shuffled order
+  (:mod:`.peers`): its whole-state hash, plus one ``(name, state_hash, digest)`` per merge when
+  it has few merges (``ReplicaConfig.inline_summaries``). If the whole-state hashes match the
+  receiver answers with its own digest (``reply=True``): an idle round costs two small
+  messages. If they differ and the summaries were not listed, it answers with its listed
+  digest so the initiator can compare. Otherwise it sends an
   :class:`~crdtmerge.wire.IndexMessage` with its full documents for the differing merges and
   ``want`` = the merges it needs back; the initiator joins them and answers with its documents.
   Full documents only -- never "one entry + whole clock" (see :mod:`crdtmerge.crdt.orset`).
@@ -73,6 +76,8 @@ class ReplicaConfig:
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     notify_changes: bool = True
+    #: digests list per-merge summaries inline up to this many merges, else send the hash only
+    inline_summaries: int = 4
 
 
 @dataclass(frozen=True)
@@ -125,9 +130,7 @@ class Replica:
         self.config = config or ReplicaConfig()
         self.state = state if state is not None else NodeState()
         self.peers = PeerTable(
-            (p for p in peers if p != replica_id),
-            self.config.backoff_base,
-            self.config.backoff_max,
+            peers, self.config.backoff_base, self.config.backoff_max, own_id=replica_id
         )
         self._lamport = max((d.recipe.counter for _, d in self.state.items()), default=0)
         self._present: set[bytes] = set()
@@ -221,12 +224,18 @@ class Replica:
             self._summaries = (self.state, items)
         return self._summaries[1]
 
+    def _digest(self, reply: bool, listed: bool | None = None) -> DigestMessage:
+        summaries = self.summaries()
+        if listed is None:
+            listed = len(summaries) <= self.config.inline_summaries
+        return DigestMessage.of(self.replica_id, summaries, listed=listed, reply=reply)
+
     def _on_tick(self, ev: Tick) -> list[Effect]:
         peer = self.peers.next_peer(ev.now, ev.rng_value)
         if peer is None:
             return []
         self._count("rounds")
-        return [Send(peer, DigestMessage(self.replica_id, self.summaries()))]
+        return [Send(peer, self._digest(reply=False))]
 
     def _on_send_failed(self, ev: SendFailed) -> list[Effect]:
         self.peers.failed(ev.peer, ev.now)
@@ -246,19 +255,24 @@ class Replica:
         self.peers.heard_from(ev.peer)
         self._count("messages_received")
         if isinstance(msg, DigestMessage):
-            self._peer_views[ev.peer] = {m.name: m for m in msg.merges}
-            diff = self._differing(msg.merges, complete=True)
-            if diff:
-                return [Send(ev.peer, self._index(diff, msg.merges))]
-            if msg.reply:
-                return []
-            return [Send(ev.peer, DigestMessage(self.replica_id, self.summaries(), reply=True))]
+            return self._on_digest(ev.peer, msg)
         if isinstance(msg, ChangedNotice):
             view = self._peer_views.setdefault(ev.peer, {})
             view.update((m.name, m) for m in msg.merges)
             diff = self._differing(msg.merges, complete=False)
             return [Send(ev.peer, self._index(diff, msg.merges))] if diff else []
         raise LocalProtocolError(f"unknown message type {type(msg).__name__}")
+
+    def _on_digest(self, peer: str, msg: DigestMessage) -> list[Effect]:
+        mine = self._digest(reply=True)
+        if msg.state_hash == mine.state_hash:  # idle round: equal states
+            self._peer_views[peer] = {m.name: m for m in self.summaries()}
+            return [] if msg.reply else [Send(peer, mine)]
+        if not msg.listed:  # hash only and it differs: list ours so the peer can compare
+            return [Send(peer, self._digest(reply=False, listed=True))]
+        self._peer_views[peer] = {m.name: m for m in msg.merges}
+        diff = self._differing(msg.merges, complete=True)
+        return [Send(peer, self._index(diff, msg.merges))] if diff else []
 
     def _differing(self, theirs: tuple[MergeSummary, ...], complete: bool) -> list[str]:
         """Merges whose state hash differs; ``complete``: ``theirs`` lists all their merges."""

@@ -28,8 +28,13 @@ class PeerTable:
     """Mutable bookkeeping owned by one :class:`~crdtmerge.replica.Replica`."""
 
     def __init__(
-        self, peers: Iterable[str], backoff_base: float = 1.0, backoff_max: float = 60.0
+        self,
+        peers: Iterable[str],
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        own_id: str | None = None,
     ) -> None:
+        self.own_id = own_id
         self._peers: dict[str, _Peer] = {}
         self._order: list[str] = []
         self._cursor = 0
@@ -38,8 +43,8 @@ class PeerTable:
         self.set_peers(peers)
 
     def set_peers(self, peers: Iterable[str]) -> None:
-        """Replace the peer set (keeps the backoff of peers that stay)."""
-        wanted = sorted(set(peers))
+        """Replace the peer set (keeps the backoff of peers that stay; never includes us)."""
+        wanted = sorted(set(peers) - {self.own_id})
         self._peers = {p: self._peers.get(p, _Peer()) for p in wanted}
         self._order = [p for p in self._order if p in self._peers]
         self._cursor = min(self._cursor, len(self._order))

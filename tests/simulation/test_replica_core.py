@@ -89,7 +89,7 @@ def test_equal_states_exchange_two_digests_only():
     reply = b.handle(MessageReceived("a", send.message))
     assert kinds(reply) == ["Send"] and reply[0].message.reply
     assert a.handle(MessageReceived("b", reply[0].message)) == []
-    assert len(wire.encode(send.message)) < 40  # no merge yet: a few bytes
+    assert len(wire.encode(send.message)) < 120  # no merge yet: the whole-state hash
     assert a.status("m").converged
 
 
@@ -111,9 +111,38 @@ def test_idle_digest_round_costs_a_few_hundred_bytes():
         a.handle(AddContribution(f"merge-{i}", R1))
     deliver_all({"a": a, "b": b}, [("a", a.handle(Tick(0.0, 0)))])
     (send,) = a.handle(Tick(1.0, 0))
+    assert send.message.listed  # 3 merges: summaries inline
     reply = b.handle(MessageReceived("a", send.message))
     sizes = [len(wire.encode(send.message)), len(wire.encode(reply[0].message))]
-    assert reply[0].message.reply and max(sizes) < 300, sizes
+    assert reply[0].message.reply and max(sizes) < 400, sizes
+    assert a.handle(MessageReceived("b", reply[0].message)) == []
+
+
+def test_many_merges_send_the_whole_state_hash_only_when_idle():
+    a, b = Replica("a", 1, peers=["b"]), Replica("b", 1, peers=["a"])
+    for i in range(50):
+        a.handle(AddContribution(f"merge-{i:02}", R1))
+    deliver_all({"a": a, "b": b}, [("a", a.handle(Tick(0.0, 0)))])
+    assert a.state == b.state
+    (send,) = a.handle(Tick(1.0, 0))
+    assert not send.message.listed and len(wire.encode(send.message)) < 120
+    (reply,) = b.handle(MessageReceived("a", send.message))
+    assert reply.message.reply and len(wire.encode(reply.message)) < 120
+    assert b.status("merge-07").peers_agreeing == ("a",)
+
+
+def test_hash_only_digest_that_differs_is_answered_with_the_listed_digest():
+    config = ReplicaConfig(inline_summaries=0)
+    a = Replica("a", 1, peers=["b"], config=config)
+    b = Replica("b", 1, peers=["a"], config=config)
+    a.handle(AddContribution("m", R1))
+    b.handle(AddContribution("n", R2))
+    (send,) = a.handle(Tick(0.0, 0))
+    assert not send.message.listed
+    (answer,) = b.handle(MessageReceived("a", send.message))
+    assert answer.message.listed and not answer.message.reply
+    assert deliver_all({"a": a, "b": b}, [("b", [answer])]) == 3  # listed, index, index back
+    assert a.state == b.state
 
 
 def test_changed_notice_makes_the_receiver_pull_at_once():
@@ -178,14 +207,14 @@ def test_failed_peer_is_skipped_with_exponential_backoff():
     # a message from the peer clears the backoff; failing peers get no change notices
     r.handle(SendFailed("b", 30.0))
     assert not any(isinstance(e, Send) for e in r.handle(AddContribution("m", R1)))
-    r.handle(MessageReceived("b", DigestMessage("b", (), reply=True)))
+    r.handle(MessageReceived("b", DigestMessage.of("b", (), reply=True)))
     assert r.handle(Tick(30.0, 0))[0].peer == "b"
 
 
 def test_status_reports_agreement_with_peers_heard_from():
     a, b = Replica("a", 1, peers=["b"]), Replica("b", 1, peers=["a"])
     a.handle(AddContribution("m", R1))
-    b.handle(MessageReceived("a", DigestMessage("a", a.summaries())))
+    b.handle(MessageReceived("a", DigestMessage.of("a", a.summaries())))
     assert b.status("m").peers_differing == ("a",) and not b.status("m").converged
     deliver_all({"a": a, "b": b}, [("a", a.handle(Tick(0.0, 0)))])
     deliver_all({"a": a, "b": b}, [("b", b.handle(Tick(1.0, 0)))])
@@ -227,6 +256,13 @@ def test_stale_incarnation_moves_to_a_new_epoch_before_anything_else():
 def test_tick_without_peers_does_nothing():
     assert Replica("solo", 1).handle(Tick(0.0, 0)) == []
     assert Replica("solo", 1, peers=["solo"]).peers.peers() == []
+
+
+def test_set_peers_never_makes_a_replica_its_own_peer():
+    r = Replica("a", 1, peers=["b"])
+    r.peers.set_peers(["a", "b", "c"])  # e.g. peer exchange echoing our own id back
+    assert r.peers.peers() == ["b", "c"]
+    r.check_invariants()
 
 
 def test_persisted_effects_restore_the_exact_state():

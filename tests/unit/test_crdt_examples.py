@@ -244,6 +244,15 @@ def test_from_bytes_never_accepts_an_ill_formed_single_byte_flip():
             assert s.to_bytes() == bytes(flipped)
 
 
+def test_lww_rejects_recipe_bytes_whose_map_key_is_a_map():
+    # Bug found by test_from_bytes_never_accepts_an_ill_formed_single_byte_flip: a flipped
+    # byte turned a recipe key into a map; canonical_unpack let msgpack's TypeError
+    # ("unhashable type: 'dict'") escape instead of a malformed-state error.
+    body = [1, "a.1", b"\x81\x80\x01"]  # {{}: 1}
+    with pytest.raises(InvalidInput, match="malformed LWW register: value is not a valid recipe"):
+        LWWRegister.from_bytes(b"\x03\x01" + msgpack.packb(body, use_bin_type=True))
+
+
 def test_from_bytes_rejects_a_dot_above_the_clock():
     body = [[["a.1", 1]], [[E1, [[0, 2]]]]]
     with pytest.raises(InvalidInput, match=r"dot \(a.1, 2\) .* not covered by the set's own clock"):
@@ -281,7 +290,7 @@ def _index() -> IndexMessage:
 def test_wire_messages_round_trip():
     doc = _sample_state().get("m")
     for msg in (
-        DigestMessage("node-a", (MergeSummary.of("m", doc),), reply=True),
+        DigestMessage.of("node-a", (MergeSummary.of("m", doc),), reply=True),
         ChangedNotice("node-b", ()),
         _index(),
     ):
@@ -305,6 +314,8 @@ def test_wire_rejects_another_protocol_version():
         (lambda o: o.update(merges=[["m", b"x", b"y"]]), "state_hash must be 32 bytes"),
         (lambda o: o.update(documents=[["m", b"\x04\x01\xc1"]]), "malformed merge document"),
         (lambda o: o.update(want=["b", "a"]), "strictly sorted"),
+        (lambda o: o.update(want=[["unhashable"]]), "merge name must be"),
+        (lambda o: o.update(merges=[[{"a": 1}, b"x" * 32, b"y" * 32]]), "merge name must be"),
         (lambda o: o.update({"from": ""}), "sender must be a non-empty replica id"),
     ],
 )
@@ -313,6 +324,27 @@ def test_wire_rejects_malformed_messages(mutate, message):
     mutate(obj)
     with pytest.raises(RemoteProtocolError, match=message):
         decode(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_wire_rejects_a_digest_whose_hash_does_not_match_its_summaries():
+    doc = _sample_state().get("m")
+    obj = msgpack.unpackb(encode(DigestMessage.of("a", (MergeSummary.of("m", doc),))))
+    obj["state"] = b"\0" * 32
+    with pytest.raises(RemoteProtocolError, match="does not match its merge summaries"):
+        decode(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_wire_decode_raises_only_protocol_errors_on_any_single_byte_flip():
+    data = encode(_index())
+    for i in range(len(data)):
+        for bit in (0x01, 0x20, 0x80):
+            flipped = bytearray(data)
+            flipped[i] ^= bit
+            try:
+                msg = decode(bytes(flipped))
+            except (RemoteProtocolError, UnsupportedVersion):
+                continue
+            assert decode(encode(msg)) == msg  # anything accepted is a valid message
 
 
 def test_wire_rejects_garbage():
@@ -342,7 +374,7 @@ def _vector_values() -> dict[str, bytes]:
         "document_digest": doc.digest(),
         "document_state_hash": doc.state_hash(),
         "node_state": state.to_bytes(),
-        "wire_digest": encode(DigestMessage("node-a", (summary,))),
+        "wire_digest": encode(DigestMessage.of("node-a", (summary,))),
         "wire_index": encode(IndexMessage("node-a", (summary,), (("alpha", doc),), ("alpha",))),
     }
 
