@@ -12,6 +12,9 @@ as its peer URL for j, and the test changes the link's behaviour while the clust
   never learns it);
 - ``truncate`` / ``bitflip``: probability of cutting a response body in half (then closing),
   or flipping one bit of it (the framing stays valid, so the client reads wrong bytes);
+- ``duplicate``: probability of replaying a forwarded request upstream once more, on a fresh
+  connection, after the original was answered (the replay's answer is discarded: the network
+  delivered one request twice);
 - ``match``: response faults apply only to requests whose path contains this string.
 
 The proxy speaks just enough HTTP/1.1 to frame messages (``Content-Length`` and chunked
@@ -51,12 +54,13 @@ class LinkFaults:
     drop_response: float = 0.0
     truncate: float = 0.0
     bitflip: float = 0.0
+    duplicate: float = 0.0
     match: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ValueError(f"mode {self.mode!r}: expected one of {_MODES}")
-        for name in ("drop_request", "drop_response", "truncate", "bitflip"):
+        for name in ("drop_request", "drop_response", "truncate", "bitflip", "duplicate"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name}={p}: expected a probability in [0, 1]")
@@ -77,7 +81,9 @@ class LinkStats:
     dropped_responses: int = 0
     truncated: int = 0
     flipped: int = 0
+    duplicated: int = 0
     paths: list[str] = field(default_factory=list)
+    bytes_by_path: dict[str, int] = field(default_factory=dict)  # response bytes sent down
 
 
 class _Closed(Exception):
@@ -250,6 +256,24 @@ class FaultProxy:
             link.stats = LinkStats()
 
     # -- data path ------------------------------------------------------------------------
+    async def _replay(self, link: _Link, request: bytes) -> None:
+        """Send ``request`` upstream once more on its own connection; discard the answer."""
+        w: asyncio.StreamWriter | None = None
+        try:
+            r, w = await asyncio.open_connection(*link.upstream)
+            w.write(request)
+            await w.drain()
+            head = await _read_head(r)
+            if not _has_no_body(request.split(b" ", 1)[0], head):
+                await _read_body(r, _headers(head), until_eof=False)
+        except (_Closed, ConnectionError, OSError, ValueError, IndexError):
+            return
+        finally:
+            if w is not None:
+                w.close()
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
+
     def _spawn(self, coro) -> None:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
@@ -320,6 +344,10 @@ class FaultProxy:
                 await writer.drain()
                 stats.responses += 1
                 stats.bytes_down += len(resp_head) + len(raw)
+                stats.bytes_by_path[path] = stats.bytes_by_path.get(path, 0) + len(raw)
+                if self._chance(faults.duplicate):
+                    stats.duplicated += 1
+                    self._spawn(self._replay(link, request))
                 closing = resp_headers.get("connection", "").lower() == "close"
                 if closing or req_headers.get("connection", "").lower() == "close":
                     return

@@ -12,11 +12,13 @@ import uvicorn
 from tests.process.faultproxy import FaultProxy, LinkFaults
 
 BODY = bytes(range(256)) * 16  # 4 KiB
+HITS: list[str] = []  # every path the upstream served, in order
 
 
 async def _app(scope, receive, send):
     if scope["type"] != "http":
         return
+    HITS.append(scope["path"])
     body = b""
     while True:
         message = await receive()
@@ -127,6 +129,19 @@ def test_delay_holds_each_request(proxy):
         start = time.monotonic()
         client.get(_url(proxy, "/data"))
         assert time.monotonic() - start >= 0.2
+
+
+def test_duplicate_replays_the_request_once_more_upstream(proxy):
+    proxy.set("a->b", duplicate=1.0)
+    with httpx.Client(timeout=5) as client:
+        assert client.post(_url(proxy, "/echo-dup"), content=b"twice").status_code == 200
+    deadline = time.monotonic() + 10
+    while HITS.count("/echo-dup") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # poll, bounded by the deadline
+    assert HITS.count("/echo-dup") == 2
+    stats = proxy.stats("a->b")
+    assert stats.duplicated == 1
+    assert stats.bytes_by_path["/echo-dup"] == len(BODY)
 
 
 def test_invalid_faults_are_rejected():
