@@ -7,8 +7,10 @@ the merged model, the root) checks out. Errors answered by the node as
 transport failures (refused, timeout, broken stream) become :class:`NodeUnavailable`.
 
 The transport is pluggable, as in httpx: pass ``transport=httpx.MockTransport(handler)`` in unit
-tests, or ``http=`` any configured ``httpx.Client`` (for example Starlette's ``TestClient``,
-which drives the ASGI app in process).
+tests, an async transport such as ``httpx.ASGITransport(app)`` (driven on a private event-loop
+thread; request and response bodies are then buffered, so keep it to tests), or ``http=`` any
+configured ``httpx.Client`` (for example Starlette's ``TestClient``, which also runs the app's
+lifespan).
 
 Example:
     >>> with Client("http://127.0.0.1:8470", token="s3cret-token") as c:  # doctest: +SKIP
@@ -78,7 +80,8 @@ class Client:
     Args:
         base_url: the node, e.g. ``http://127.0.0.1:8470``.
         token: Bearer token sent with every request (write endpoints need it).
-        transport: an ``httpx.BaseTransport`` (e.g. ``MockTransport``) instead of the network.
+        transport: an ``httpx.BaseTransport`` (e.g. ``MockTransport``) or an
+            ``httpx.AsyncBaseTransport`` (e.g. ``ASGITransport``) instead of the network.
         http: a ready ``httpx.Client`` to use (e.g. ``TestClient(app)``); ``base_url``,
             ``token`` and ``transport`` are then applied per request only where possible.
         timeout: seconds for connect/read/write (uploads and downloads stream, so this bounds
@@ -90,13 +93,17 @@ class Client:
         base_url: str = "",
         *,
         token: str | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         http: httpx.Client | None = None,
         timeout: float = 60.0,
     ) -> None:
         self._headers = {"authorization": f"Bearer {token}"} if token else {}
         self._owns = http is None
         self._base = base_url.rstrip("/")
+        if isinstance(transport, httpx.AsyncBaseTransport) and not isinstance(
+            transport, httpx.BaseTransport
+        ):
+            transport = _BlockingTransport(transport)
         if http is None:
             http = httpx.Client(
                 base_url=self._base,
@@ -264,6 +271,43 @@ class Client:
             raise NodeUnavailable(f"GET {path}: got {n} bytes, expected {expected}")
         os.replace(tmp, out)
         return root
+
+
+class _BlockingTransport(httpx.BaseTransport):
+    """Drive an async transport (``httpx.ASGITransport``) from this synchronous client.
+
+    The async transport runs on a private event loop in a daemon thread; bodies are buffered
+    (this is for in-process tests, not for large transfers).
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        import asyncio
+        import threading
+
+        self._transport = transport
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="client-asgi", daemon=True).start()
+
+    def _run(self, coro: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+
+        async def send() -> httpx.Response:
+            req = httpx.Request(request.method, request.url, headers=request.headers, content=body)
+            resp = await self._transport.handle_async_request(req)
+            content = await resp.aread()
+            await resp.aclose()
+            return httpx.Response(resp.status_code, headers=resp.headers, content=content)
+
+        return self._run(send())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._run(self._transport.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
 
 
 def _file_chunks(path: Path, progress: Progress | None) -> Iterator[bytes]:

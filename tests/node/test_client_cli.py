@@ -157,3 +157,27 @@ def test_cli_reads_the_token_from_the_environment(monkeypatch):
     assert c._headers["authorization"] == f"Bearer {TOKEN}"
     args.token = "flag-wins-1"
     assert remote_cmd._client(args)._headers["authorization"] == "Bearer flag-wins-1"
+
+
+def test_client_over_an_asgi_transport(tmp_path, model_files):
+    """``transport=httpx.ASGITransport(app)``: the sync client drives the app in process."""
+    import asyncio
+
+    from node.app import create_app
+    from node.settings import Settings
+
+    app = create_app(Settings(data_dir=tmp_path / "asgi", merge_debounce_s=0.0))
+    loop = asyncio.new_event_loop()
+    lifespan = app.router.lifespan_context(app)
+    loop.run_until_complete(lifespan.__aenter__())
+    try:
+        with Client("http://asgi", transport=httpx.ASGITransport(app=app)) as c:
+            pushed = c.put_object(model_files["ft0"])
+            assert pushed.created and pushed.root == hash_tensors(model_files["ft0"]).root.hex()
+            c.set_recipe("m", {"strategy": "linear"})
+            assert c.status("m")["recipe"]["strategy"] == "linear"
+            with pytest.raises(NotFound):
+                c.status("nope")
+    finally:
+        loop.run_until_complete(lifespan.__aexit__(None, None, None))
+        loop.close()
