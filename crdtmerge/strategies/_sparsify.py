@@ -57,7 +57,10 @@ __all__ = [
     "magnitude_topk",
     "ordered_sum",
     "outlier_mask",
+    "Uniforms",
+    "random_drop",
     "random_mask",
+    "rank_drop",
     "rank_keep_prob",
     "threshold_from_histograms",
     "topk_count",
@@ -405,6 +408,21 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> Keep:
     return keep
 
 
+class Uniforms:
+    """Contribution ``i``'s float32 uniforms for this tensor, read chunk by chunk.
+
+    Bit-identical to ``task.rng.uniform(n, stream=task.streams[i])[start:stop]`` (the top 24
+    bits of each 32-bit word times ``2**-24``), without materialising all ``n`` floats.
+    """
+
+    def __init__(self, task: TensorTask, i: int, n: int) -> None:
+        self._words = task.rng.words(n, stream=task.streams[i])
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        w = self._words[start:stop] >> np.uint32(8)
+        return torch.from_numpy(w.astype(np.float32) * np.float32(2.0**-24))
+
+
 def random_mask(
     task: TensorTask, i: int, shape: torch.Size, p: float | torch.Tensor
 ) -> torch.Tensor:
@@ -418,6 +436,62 @@ def random_mask(
     return u < torch.tensor(p, dtype=torch.float32)
 
 
+def random_drop(
+    task: TensorTask, i: int, delta: torch.Tensor, density: float, rescale: str | None
+) -> torch.Tensor:
+    """DARE's drop in place: keep where ``u < density`` (float32), chunk by chunk.
+
+    ``rescale``: ``"l1"`` (mergekit L1 matching), ``"inverse"`` (divide by ``density``) or
+    None. Returns ``delta``.
+    """
+    flat = delta.view(-1)
+    n = flat.numel()
+    u = Uniforms(task, i, n)
+    p = torch.tensor(density, dtype=torch.float32)
+    before = l1_norm(delta) if rescale == "l1" else 0.0
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        flat[start:stop].masked_fill_(u(start, stop) >= p, 0.0)
+    if rescale == "l1":
+        after = l1_norm(delta)
+        if before >= 1e-7 and after >= 1e-7:
+            delta *= before / after
+    elif rescale == "inverse" and density > 0.0:
+        delta /= density
+    return delta
+
+
+def rank_drop(
+    task: TensorTask,
+    i: int,
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    rescale: str | None,
+) -> torch.Tensor:
+    """DELLA's drop in place: keep where ``u < rank_keep_prob``, a block of rows at a time.
+
+    ``rescale``: ``"l1"``, ``"inverse"`` (divide each survivor by its own ``p``) or None.
+    """
+    cols = delta.shape[-1] if delta.dim() else 1
+    rows = delta.view(-1, cols)
+    n = rows.numel()
+    u = Uniforms(task, i, n)
+    before = l1_norm(delta) if rescale == "l1" else 0.0
+    step = max(1, CHUNK // cols)
+    for r0 in range(0, rows.shape[0], step):
+        block = rows[r0 : r0 + step]
+        p = rank_keep_prob(block, density, epsilon)
+        block.masked_fill_(u(r0 * cols, r0 * cols + block.numel()).view_as(p) >= p, 0.0)
+        if rescale == "inverse":
+            block /= p.to(block.dtype)
+    if rescale == "l1":
+        after = l1_norm(delta)
+        if before >= 1e-7 and after >= 1e-7:
+            delta *= before / after
+    return delta
+
+
 def rank_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA (mergekit ``della_magprune``) keep probabilities, float32.
 
@@ -426,13 +500,24 @@ def rank_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch
     ``p = density - epsilon + 2 * epsilon * r``. A row of one element gets ``p = density``.
     """
     cols = delta.shape[-1] if delta.dim() else 1
-    rows = delta.reshape(-1, cols).abs()
     if cols == 1:
         return torch.full(delta.shape, density, dtype=torch.float32)
-    order = torch.sort(rows, dim=1, stable=True).indices
+    rows = delta.reshape(-1, cols).abs()
+    shift = (cols - 1).bit_length()
+    if rows.dtype == torch.float32 and shift <= 32:
+        # unique int64 keys (|x| bits, column index): sorting the keys alone orders by
+        # (|x|, index) whatever the algorithm, and numpy's SIMD sort is much faster than an
+        # argsort; the column index comes back from the low bits.
+        keys = rows.contiguous().view(torch.int32).to(torch.int64).numpy()
+        keys <<= shift
+        keys |= np.arange(cols, dtype=np.int64)
+        keys.sort(axis=1)
+        keys &= (1 << shift) - 1
+        order = torch.from_numpy(keys)
+    else:
+        order = torch.sort(rows, dim=1, stable=True).indices
     ranks = torch.empty_like(order)
-    ar = torch.arange(cols, dtype=order.dtype).expand_as(order)
-    ranks.scatter_(1, order, ar)
+    ranks.scatter_(1, order, torch.arange(cols, dtype=order.dtype).expand_as(order))
     r = ranks.to(torch.float32) / torch.tensor(float(cols - 1), dtype=torch.float32)
     lo = torch.tensor(density - epsilon, dtype=torch.float32)
     p = lo + r * torch.tensor(2.0 * epsilon, dtype=torch.float32)

@@ -33,15 +33,8 @@ def drop_and_rescale(task: TensorTask, i: int, delta: torch.Tensor) -> torch.Ten
     density = float(task.model_params[i]["density"])
     if density >= 1.0:
         return delta
-    mask = sp.random_mask(task, i, delta.shape, density)
-    if not task.params["rescale"]:
-        return sp.apply_mask(delta, mask, None)
-    if task.params["rescale_mode"] == "l1":
-        return sp.apply_mask(delta, mask, "l1")
-    sp.apply_mask(delta, mask, None)
-    if density > 0.0:
-        delta /= density
-    return delta
+    rescale = str(task.params["rescale_mode"]) if task.params["rescale"] else None
+    return sp.random_drop(task, i, delta, density, rescale)
 
 
 def dare_linear(task: TensorTask) -> torch.Tensor:

@@ -47,14 +47,8 @@ def magprune(task: TensorTask, i: int, delta: torch.Tensor) -> torch.Tensor:
             f"tensor {task.name!r}: della needs 0 < density - epsilon and density + epsilon < 1, "
             f"got density={density}, epsilon={epsilon}; lower epsilon"
         )
-    p = sp.rank_keep_prob(delta, density, epsilon)
-    mask = sp.random_mask(task, i, delta.shape, p)
-    if not task.params["rescale"]:
-        return sp.apply_mask(delta, mask, None)
-    if task.params["rescale_mode"] == "l1":
-        return sp.apply_mask(delta, mask, "l1")
-    sp.apply_mask(delta, mask, None)
-    return delta.div_(p.to(delta.dtype))
+    rescale = str(task.params["rescale_mode"]) if task.params["rescale"] else None
+    return sp.rank_drop(task, i, delta, density, epsilon, rescale)
 
 
 def della(task: TensorTask) -> torch.Tensor:

@@ -201,6 +201,18 @@ def test_rank_keep_probabilities() -> None:
     assert sp.rank_keep_prob(f32(7), 0.5, 0.2).tolist() == pytest.approx([0.5])
 
 
+def test_rank_keep_probabilities_match_a_stable_sort() -> None:
+    rng = np.random.Generator(np.random.PCG64(8))
+    x = torch.from_numpy((np.round(rng.standard_normal((37, 53)) * 4) / 4).astype(np.float32))
+    x[0, :5] = -0.0
+    order = torch.sort(x.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(53).expand_as(order))
+    r = ranks.to(torch.float32) / torch.tensor(52.0)
+    expected = torch.tensor(0.5 - 0.1) + r * torch.tensor(0.2)
+    exact(sp.rank_keep_prob(x, 0.5, 0.1), expected)
+    exact(sp.rank_keep_prob(x.double(), 0.5, 0.1), expected)
+
+
 # ----------------------------------------------------------------------------- linear / TA
 
 BASE = f32(0, 0, 0, 0)
@@ -335,6 +347,13 @@ def test_dare_mask_comes_from_the_contributions_stream() -> None:
     exact(out, torch.where(keep_a, a, 0.0) + torch.where(keep_b, b, 0.0))
     assert 0.25 < float(keep_a.float().mean()) < 0.35
     assert not torch.equal(keep_a, keep_b)
+
+
+def test_chunked_uniforms_equal_the_generators_uniforms() -> None:
+    _, task = make("dare_linear", torch.zeros(3), [f32(1, 2, 3)])
+    whole = task.rng.uniform(1000, stream=task.streams[0])
+    u = sp.Uniforms(task, 0, 1000)
+    exact(torch.cat([u(0, 333), u(333, 1000)]), whole)
 
 
 def test_dare_rescale_modes() -> None:
