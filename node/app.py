@@ -18,6 +18,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crdtmerge import __version__
 from crdtmerge.errors import CrdtMergeError
@@ -76,6 +77,7 @@ def create_app(
     app.state.settings = settings
     app.add_exception_handler(CrdtMergeError, _crdtmerge_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_middleware(RequestLimits, settings=settings)  # 429 before any route runs
     app.include_router(health.router)
     app.include_router(api_router())
@@ -86,6 +88,19 @@ async def _crdtmerge_error(request: Request, exc: CrdtMergeError) -> JSONRespons
     if exc.http_status >= 500:
         log.error("%s %s failed: %s [%s]", request.method, request.url.path, exc.detail, exc.code)
     return JSONResponse(exc.to_json(), status_code=exc.http_status)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (no such path, wrong method) in the same ``{error, detail}`` shape."""
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": code, "detail": f"{request.method} {request.url.path}: {exc.detail}"},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
