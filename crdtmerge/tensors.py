@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidInput, InvalidTensorFile, NotFound
+from .errors import InvalidInput, InvalidTensorFile, NotFound, StorageError
 
 __all__ = [
     "DTYPES",
@@ -774,6 +774,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _storage_errors(what: object) -> Iterator[None]:
+    """Turn OS errors while writing (disk full, permissions, I/O) into ``StorageError``."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{what}: cannot write: {exc.strerror or exc}") from exc
+
+
 class _TempFile:
     """A temporary file next to its final name; committed by fsync + rename."""
 
@@ -852,6 +861,16 @@ class StreamingWriter:
             plan[-1].append(info)
             size += info.nbytes
         is_file = target.suffix == ".safetensors" and not target.is_dir()
+        with _storage_errors(target):
+            self._setup(target, plan, is_file, max_shard_bytes)
+
+    def _setup(
+        self,
+        target: Path,
+        plan: list[list[TensorInfo]],
+        is_file: bool,
+        max_shard_bytes: int | None,
+    ) -> None:
         if is_file and len(plan) > 1:
             raise InvalidInput(
                 f"{target}: {sum(i.nbytes for i in self._infos)} bytes need {len(plan)} shards "
@@ -876,7 +895,8 @@ class StreamingWriter:
         self = cls.__new__(cls)
         self._infos = _sorted_infos(infos)
         self._metadata = _check_metadata(metadata)
-        self._start([path], [self._infos])
+        with _storage_errors(path):
+            self._start([path], [self._infos])
         return self
 
     def _start(self, finals: list[Path], plan: list[list[TensorInfo]]) -> None:
@@ -935,10 +955,11 @@ class StreamingWriter:
                 raise InvalidInput(
                     f"tensor {_short(name)}: declared {info.nbytes} bytes, got {len(view)}"
                 )
-        while self._left_in_shard == 0:
-            self._temps[-1].finish()
-            self._open_next_shard()
-        self._temps[-1].write(view)
+        with _storage_errors(self._finals[self._shard]):
+            while self._left_in_shard == 0:
+                self._temps[-1].finish()
+                self._open_next_shard()
+            self._temps[-1].write(view)
         self._left_in_shard -= 1
         self._next += 1
 
@@ -960,16 +981,17 @@ class StreamingWriter:
                 f"writer closed with {missing} tensors not written (next: {_short(self.expected_name)})"
             )
         try:
-            while self._shard < len(self._plan) - 1:  # trailing shards hold no tensors
+            with _storage_errors(self._dir):
+                while self._shard < len(self._plan) - 1:  # trailing shards hold no tensors
+                    self._temps[-1].finish()
+                    self._open_next_shard()
                 self._temps[-1].finish()
-                self._open_next_shard()
-            self._temps[-1].finish()
-            for temp in self._temps:
-                os.replace(temp.path, temp.final)
-            paths = [t.final for t in self._temps]
-            if len(self._plan) > 1:
-                paths.append(self._write_index())
-            _fsync_dir(self._dir)
+                for temp in self._temps:
+                    os.replace(temp.path, temp.final)
+                paths = [t.final for t in self._temps]
+                if len(self._plan) > 1:
+                    paths.append(self._write_index())
+                _fsync_dir(self._dir)
         except BaseException:
             self.abort()
             raise

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from crdtmerge.errors import InvalidInput, InvalidTensorFile, NotFound
+from crdtmerge.errors import InvalidInput, InvalidTensorFile, NotFound, StorageError
 from crdtmerge.tensors import (
     DTYPES,
     INDEX_FILENAME,
@@ -445,3 +445,11 @@ def test_error_messages_stay_short_for_huge_or_deep_values(tmp_path: Path) -> No
         with pytest.raises(InvalidTensorFile) as info:
             open_tensors(path)
         assert len(info.value.detail) < 600, info.value.detail[:200]
+
+
+def test_write_failures_are_storage_errors(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(StorageError, match="a-file/m.safetensors: cannot write"):
+        write_tensors(tmp_path / "a-file" / "m.safetensors", {"w": torch.ones(1)})
+    with pytest.raises(StorageError, match="cannot write"):
+        StreamingWriter(tmp_path / "a-file" / "out", [TensorInfo("w", "U8", (1,), 1)])
