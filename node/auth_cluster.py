@@ -38,13 +38,13 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Generator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Mapping
 
 import blake3
 import httpx
 
 from crdtmerge.canonical import domain_hash
-from crdtmerge.errors import InvalidInput, Unauthorized
+from crdtmerge.errors import InvalidInput, RemoteProtocolError, TooLarge, Unauthorized
 
 __all__ = [
     "HEADER_AUTH",
@@ -67,6 +67,10 @@ _REQUEST_TAG = b"crdtmerge-repl/v1"
 _RESPONSE_TAG = b"crdtmerge-repl-response/v1"
 #: a secret shorter than this is refused at startup
 MIN_SECRET_BYTES = 16
+#: largest replication answer read; a peer streaming more is cut off (TooLarge)
+MAX_RESPONSE_BYTES = 256 << 20
+#: request extension overriding that bound for one request (e.g. an exact chunk batch size)
+RESPONSE_LIMIT = "crdtmerge.max_response_bytes"
 
 
 def load_cluster_secret(value: str | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -233,6 +237,27 @@ class RequestVerifier:
             self._floor = float("-inf")
 
 
+class _CappedStream(httpx.AsyncByteStream):
+    """A response body that raises TooLarge past ``limit`` bytes (an endless or oversized
+    answer never fills memory)."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, limit: int, what: str) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._what = what
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._inner:
+            seen += len(chunk)
+            if seen > self._limit:
+                raise TooLarge(f"{self._what} sent more than {self._limit} bytes; cut off")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class ClusterAuth(httpx.Auth):
     """``httpx.Auth`` signing every request and checking the response MAC.
 
@@ -248,6 +273,36 @@ class ClusterAuth(httpx.Auth):
         self.key = key
         self.node = node
         self.verify_responses = verify_responses
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """As ``httpx.Auth.async_auth_flow``, but the answer is read with a size bound
+        (``MAX_RESPONSE_BYTES``, or the request's ``RESPONSE_LIMIT`` extension) and must not be
+        compressed (we never ask for it; a compressed answer could expand without bound)."""
+        await request.aread()
+        flow = self.auth_flow(request)
+        request = next(flow)
+        while True:
+            response = yield request
+            limit = int(request.extensions.get(RESPONSE_LIMIT, MAX_RESPONSE_BYTES))
+            what = f"{request.url.host}:{request.url.port}"
+            try:
+                encoding = response.headers.get("content-encoding", "identity").lower()
+                if encoding not in ("", "identity"):
+                    raise RemoteProtocolError(f"{what} answered with content-encoding {encoding}")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise TooLarge(f"{what} announced {declared} bytes; at most {limit} accepted")
+                response.stream = _CappedStream(response.stream, limit, what)  # type: ignore[arg-type]
+                await response.aread()
+            except BaseException:
+                await response.aclose()
+                raise
+            try:
+                request = flow.send(response)
+            except StopIteration:
+                break
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         target = request.url.raw_path.decode("ascii")

@@ -181,6 +181,8 @@ class Replication:
             on_complete=self._object_complete,
             timeout=30.0,
             rng=self.rng,
+            max_object_bytes=settings.max_body_bytes,
+            check_disk=runtime.check_disk,
         )
         self.rounds = 0
         self.bytes_sent = 0

@@ -49,11 +49,14 @@ from crdtmerge.errors import (
     InvalidInput,
     NotFound,
     RemoteProtocolError,
+    TooLarge,
     Unauthorized,
     UnsupportedVersion,
 )
 from crdtmerge.identity import Manifest
 from crdtmerge.store import ObjectStore, PartialObject
+
+from .auth_cluster import RESPONSE_LIMIT
 
 __all__ = ["ChunkRef", "FetchStats", "ObjectFetcher", "PeerScores", "plan_batches"]
 
@@ -65,6 +68,8 @@ ChunkRef = tuple[str, int]  # (tensor name, chunk index)
 CHUNKS_VERSION = 1
 #: most chunks in one batch request (small tensors are one chunk each)
 MAX_BATCH_CHUNKS = 1024
+#: largest manifest read from a peer (a 100k-tensor, 1 TB model's is a few MiB)
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 def plan_batches(
@@ -198,8 +203,12 @@ class ObjectFetcher:
         scores: PeerScores | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        max_object_bytes: int | None = None,
+        check_disk: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
+        self.max_object_bytes = max_object_bytes  # bigger manifests are refused (TooLarge)
+        self.check_disk = check_disk  # raises StorageError when the object would not fit
         self.http = http
         self.peers = peers
         self.auth = auth
@@ -271,6 +280,13 @@ class ObjectFetcher:
         short = root.hex()[:12]
         try:
             manifest, holders = await self._manifest(root, self._candidates(prefer))
+            if self.max_object_bytes is not None and manifest.total_bytes > self.max_object_bytes:
+                raise TooLarge(
+                    f"object {short} is {manifest.total_bytes} bytes; this node accepts at "
+                    f"most {self.max_object_bytes}"
+                )
+            if self.check_disk is not None:
+                self.check_disk(manifest.total_bytes)
             partial = await asyncio.to_thread(self.store.begin_partial, manifest)
             missing = partial.missing()
             self.stats.resumed_chunks += manifest.num_chunks - len(missing)
@@ -303,7 +319,15 @@ class ObjectFetcher:
         path = f"/v1/replication/objects/{root.hex()}/manifest"
         for i, peer in enumerate(peers):
             try:
-                resp = await self.http.get(peer + path, auth=self.auth, timeout=self.timeout)
+                resp = await self.http.get(
+                    peer + path,
+                    auth=self.auth,
+                    timeout=self.timeout,
+                    extensions={RESPONSE_LIMIT: MAX_MANIFEST_BYTES},
+                )
+            except (TooLarge, RemoteProtocolError) as exc:
+                self._bad(peer, f"manifest of {root.hex()[:12]}: {exc.detail}")
+                continue
             except (httpx.HTTPError, Unauthorized) as exc:
                 self.scores.failed(peer, self.clock())
                 log.debug("manifest %s from %s: %s", root.hex()[:12], peer, exc)
@@ -390,6 +414,7 @@ class ObjectFetcher:
         root = manifest.root
         body = msgpack.packb({"v": CHUNKS_VERSION, "chunks": [list(c) for c in batch]})
         url = f"{peer}/v1/replication/objects/{root.hex()}/chunks"
+        sizes = [manifest.chunk_span(*ref)[1] for ref in batch]
         try:
             resp = await self.http.post(
                 url,
@@ -397,7 +422,11 @@ class ObjectFetcher:
                 auth=self.auth,
                 timeout=self.timeout,
                 headers={"content-type": "application/msgpack"},
+                extensions={RESPONSE_LIMIT: sum(sizes)},  # more is wrong: never read it
             )
+        except (TooLarge, RemoteProtocolError) as exc:
+            self._drop(peer, usable, exc.detail)
+            return 0
         except Unauthorized as exc:
             # the answer failed its cluster MAC: altered on the way, or not from a member
             self._drop(peer, usable, exc.detail)
@@ -414,7 +443,6 @@ class ObjectFetcher:
             self.scores.failed(peer, self.clock())
             raise _PeerFailed(f"HTTP {resp.status_code}")
         data = resp.content
-        sizes = [manifest.chunk_span(*ref)[1] for ref in batch]
         if len(data) != sum(sizes):
             self._drop(peer, usable, f"batch of {len(data)} bytes, expected {sum(sizes)}")
             return 0
