@@ -360,6 +360,9 @@ class _FileSource(TensorSource):
             size = os.fstat(fd).st_size
             header = _read_header(fd, size, str(path))
             mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         except BaseException:
             os.close(fd)
             raise
