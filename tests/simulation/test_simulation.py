@@ -19,8 +19,15 @@ import statistics
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
+from crdtmerge.replica import Tick
 from tests.simulation.sim import Simulator, convergence_rounds, run_seed
 
 _SEEDS = int(os.environ.get("CRDTMERGE_SIM_SEEDS", "1000"))
@@ -82,61 +89,57 @@ class SimulationMachine(RuleBasedStateMachine):
         super().__init__()
         self.sim: Simulator | None = None
 
-    @rule(seed=st.integers(0, 2**32), n=st.integers(3, 5))
-    @precondition(lambda self: self.sim is None)
+    @initialize(seed=st.integers(0, 2**32), n=st.integers(3, 5))
     def start(self, seed, n):
         self.sim = Simulator(seed, n)
 
     def _node(self, i):
         return list(self.sim.nodes.values())[i % self.sim.n]
 
-    @rule(i=st.integers(0, 6), crash_mid=st.booleans())
-    @precondition(lambda self: self.sim is not None)
-    def local_write(self, i, crash_mid):
+    @rule(i=st.integers(0, 6), count=st.integers(1, 4), crash_roll=st.integers(0, 5))
+    def local_writes(self, i, count, crash_roll):
         node = self._node(i)
-        if node.replica is not None:
-            self.sim.local_write(node, crash_mid=crash_mid)
+        for k in range(count):
+            if node.replica is not None:
+                self.sim.local_write(node, crash_mid=crash_roll == 0 and k == count - 1)
 
     @rule(i=st.integers(0, 6))
-    @precondition(lambda self: self.sim is not None)
     def tick(self, i):
-        from crdtmerge.replica import Tick
-
         node = self._node(i)
         if node.replica is not None:
             self.sim.now += 1.0
             self.sim._run(node, node.replica.handle(Tick(self.sim.now, i * 7919)))
 
-    @rule(k=st.integers(0, 50), drop=st.booleans(), dup=st.booleans())
-    @precondition(lambda self: self.sim is not None and self.sim.in_flight)
-    def network(self, k, drop, dup):
-        k %= len(self.sim.in_flight)
-        if drop:
-            self.sim.in_flight.pop(k)
-        else:
-            if dup:
-                self.sim.in_flight.append(self.sim.in_flight[k])
-            self.sim.deliver(k)
+    @rule(k=st.integers(0, 50), count=st.integers(1, 6), drop=st.booleans(), dup=st.booleans())
+    @precondition(lambda self: self.sim.in_flight)
+    def network(self, k, count, drop, dup):
+        for _ in range(count):
+            if not self.sim.in_flight:
+                return
+            j = k % len(self.sim.in_flight)
+            if drop:
+                self.sim.in_flight.pop(j)
+                drop = False  # drop one, deliver the rest
+            else:
+                if dup:
+                    self.sim.in_flight.append(self.sim.in_flight[j])
+                self.sim.deliver(j)
 
     @rule(groups=st.lists(st.integers(0, 1), min_size=7, max_size=7))
-    @precondition(lambda self: self.sim is not None)
     def partition(self, groups):
         self.sim.partition = dict(zip(self.sim.nodes, groups, strict=False))
 
     @rule()
-    @precondition(lambda self: self.sim is not None)
     def heal(self):
         self.sim.partition = {}
 
     @rule(i=st.integers(0, 6))
-    @precondition(lambda self: self.sim is not None)
     def crash(self, i):
         node = self._node(i)
         if node.replica is not None:
             self.sim.crash(node)
 
     @rule(i=st.integers(0, 6), restore=st.booleans())
-    @precondition(lambda self: self.sim is not None)
     def restart(self, i, restore):
         node = self._node(i)
         if node.replica is None:
@@ -145,22 +148,20 @@ class SimulationMachine(RuleBasedStateMachine):
             self.sim.restart(node)
 
     @rule(i=st.integers(0, 6))
-    @precondition(lambda self: self.sim is not None)
     def backup(self, i):
         node = self._node(i)
         node.backup = (dict(node.docs), node.epoch, node.persist_seq)
 
     @rule(k=st.integers(0, 50))
-    @precondition(lambda self: self.sim is not None and self.sim.fetches)
+    @precondition(lambda self: self.sim.fetches)
     def fetch(self, k):
         fetches = sorted(self.sim.fetches)
         self.sim.complete_fetch(*fetches[k % len(fetches)])
 
     @invariant()
     def replicas_are_well_formed(self):
-        if self.sim is not None:
-            for node in self.sim.running():
-                node.replica.check_invariants()
+        for node in self.sim.running():
+            node.replica.check_invariants()
 
     def teardown(self):
         if self.sim is not None:
@@ -174,6 +175,6 @@ SimulationMachine.TestCase.settings = settings(
     max_examples=int(
         os.environ.get("CRDTMERGE_SIM_EXAMPLES", "500" if _PROFILE == "thorough" else "60")
     ),
-    stateful_step_count=40,
+    stateful_step_count=50,
 )
 TestSimulationMachine = SimulationMachine.TestCase
