@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--token", help="Bearer token required by write endpoints (CRDTMERGE_TOKEN)")
     p.add_argument("--read-token", help="Bearer token required by read endpoints")
+    p.add_argument(
+        "--admin-token",
+        help="Bearer token for admin endpoints (trusted signing keys); default: the write token",
+    )
     p.add_argument("--cluster-secret", help="shared secret of the cluster (replication)")
     p.add_argument("--replica-id", help="this replica's id (default: generated once, persisted)")
     p.add_argument("--max-body-bytes", type=int, help="largest accepted upload in bytes")
@@ -52,6 +56,7 @@ def settings_from_args(args: argparse.Namespace) -> object:
         peers=tuple(args.peer) if args.peer else None,
         token=args.token,
         read_token=args.read_token,
+        admin_token=args.admin_token,
         cluster_secret=args.cluster_secret,
         replica_id=args.replica_id,
         max_body_bytes=args.max_body_bytes,
