@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -524,6 +525,14 @@ class NodeRuntime:
                 },
             )
             return prepared
+        except OSError as exc:  # disk full or I/O error while receiving: 507, nothing kept
+            await asyncio.to_thread(_unlink, tmp)
+            self.metrics.uploads_total.labels(kind=kind, result="no_space").inc()
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StorageError(
+                f"cannot receive the upload: {exc.strerror or exc}",
+                code="insufficient_storage" if full else "storage_error",
+            ) from exc
         except BaseException as exc:
             await asyncio.to_thread(_unlink, tmp)
             result = "too_large" if isinstance(exc, TooLarge) else "rejected"

@@ -146,3 +146,24 @@ def test_token_scopes_nest_admin_write_read(node_factory, model_files):
     r = node.put(f"/v1/merges/m/trusted-keys/{key}")  # the write token
     assert (r.status_code, r.json()["error"]) == (403, "insufficient_scope")
     assert node.put(f"/v1/merges/m/trusted-keys/{key}", headers=ADMIN).status_code == 200
+
+
+def test_a_disk_that_fills_during_an_upload_is_507_and_keeps_nothing(
+    node, model_files, monkeypatch
+):
+    import errno
+
+    import node.runtime as node_runtime
+
+    class FullDisk:
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(node_runtime, "open", lambda *a, **k: FullDisk(), raising=False)
+    r = node.post("/v1/merges/m/contributions", content=model_files["ft0"].read_bytes())
+    assert (r.status_code, r.json()["error"]) == (507, "insufficient_storage")
+    assert "No space left" in r.json()["detail"]
+    _nothing_stored(node)
