@@ -211,9 +211,11 @@ def check(history: History, *, grace_s: float = 3.0, show: int = 20) -> dict[str
         if won:
             add_wins_checked += 1
         in_all, in_any = e in present_everywhere, e in present_anywhere
-        if not e_adds and in_any:
-            unexpected.append(e)
-        elif must_present:
+        if not e_adds:
+            if in_any:
+                unexpected.append(e)
+            continue  # never attempted (or only failed adds) and absent: as it should be
+        if must_present:
             if not in_all:
                 lost.append(e)
                 if won:
