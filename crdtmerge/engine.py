@@ -39,6 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Large CPU tensors on transparent huge pages: torch reads this once, at its first CPU
+# allocation, and then madvises big buffers MADV_HUGEPAGE. Every merge allocates and frees
+# tensor-sized buffers; with 4 KiB pages the kernel's page faults are a large share of the merge
+# time on small VMs (measured here: ~50x fewer faults, ~30-40% less system time). Best effort:
+# no effect if torch already allocated before this import; THP_MEM_ALLOC_ENABLE=0 opts out.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import torch
 
 from .errors import InvalidInput, InvalidRecipe
