@@ -383,15 +383,17 @@ class Nemesis:
         )
 
     def run(self, deadline: float) -> None:
-        """Phases until ``deadline``: first the transfer-kill, then a seeded mix."""
+        """The transfer-kill, then every other fault once (in a seeded order, even past
+        ``deadline`` on a slow machine), then a seeded mix until ``deadline``."""
         self.start_noise()
         self.phase_transfer_kill()
         self.apply_links()
         phases = [self.phase_partition, self.phase_kill, self.phase_pause, self.phase_skew]
-        order: list[Any] = []
+        order = phases[:]
+        self.rng.shuffle(order)
+        for phase in order:
+            phase(max(deadline, time.monotonic() + 6))
+            time.sleep(self.rng.uniform(0.5, 1.5))  # quiet gap between faults (pacing)
         while time.monotonic() < deadline - 3:
-            if not order:
-                order = phases[:]
-                self.rng.shuffle(order)
-            order.pop()(deadline)
+            self.rng.choice(phases)(deadline)
             time.sleep(min(max(0.0, deadline - time.monotonic()), self.rng.uniform(0.5, 1.5)))

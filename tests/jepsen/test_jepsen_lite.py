@@ -115,7 +115,7 @@ def run_jepsen(
         )
         t0 = time.monotonic()
         deadline = t0 + duration_s
-        workload.start(deadline)
+        workload.start(deadline + 300)  # a bound only: stopped when the nemesis is done
         try:
             nemesis.run(deadline)
         finally:
@@ -234,14 +234,14 @@ def test_jepsen_lite_3_nodes(tmp_path):
     report = _run_and_check(
         tmp_path,
         n=3,
-        duration_s=35,
+        duration_s=30,
         workers=3,
         max_ops=250,
         noise=NoiseRates(),
         converge_timeout_s=90,
     )
     nm = report["nemesis"]
-    assert nm["partitions"] >= 1 and nm["kills"] >= 1 and nm["pauses"] >= 1
+    assert nm["partitions"] >= 1 and nm["kills"] >= 2 and nm["pauses"] >= 1
     assert report["check"]["ok"]["add"] >= 20
 
 
