@@ -49,6 +49,7 @@ import msgpack
 from crdtmerge.errors import (
     CrdtMergeError,
     RemoteProtocolError,
+    TooLarge,
     Unauthorized,
     UnsupportedVersion,
 )
@@ -418,7 +419,13 @@ class Replication:
                 )
             self.bytes_received += len(resp.content)
             replies = self._decode_replies(resp.content)
-        except (httpx.HTTPError, Unauthorized, RemoteProtocolError, UnsupportedVersion) as exc:
+        except (
+            httpx.HTTPError,
+            Unauthorized,
+            RemoteProtocolError,
+            UnsupportedVersion,
+            TooLarge,  # an oversized or endless answer, cut off by ClusterAuth
+        ) as exc:
             log.debug("send to %s (%s) failed: %s", peer, url, exc)
             await self.runtime.handle(SendFailed(peer, self.core_now()))
             return

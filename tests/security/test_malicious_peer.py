@@ -162,3 +162,36 @@ def test_objects_over_the_size_limit_or_the_disk_reserve_are_not_fetched(cluster
 
     ok, dest, _ = _fetch(tmp_path, net, root, ["good"], check_disk=no_space)
     assert not ok and dest.list() == [] and dest.partials() == []
+
+
+def test_an_endless_gossip_answer_is_cut_off_and_counts_as_a_failed_send(tmp_path, monkeypatch):
+    import warnings
+
+    import node.auth_cluster as auth_cluster
+    from node.app import create_app
+    from node.settings import Settings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(auth_cluster, "MAX_RESPONSE_BYTES", 1 << 20)
+    endless = Endless()
+    http = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, stream=endless))
+    )
+    settings = Settings(
+        data_dir=tmp_path / "n",
+        cluster_secret="a-cluster-secret-for-tests-0123",
+        extra={"gossip_loop": False},
+    ).validated()
+    with TestClient(create_app(settings, http=http)) as client:
+        rep = client.app.state.replication  # type: ignore[attr-defined]
+        rep.directory.learn("evil", "http://evil", configured=True)
+        rep._sync_core_peers()
+        before = rep.runtime.replica.state.state_hash()
+        client.portal.call(rep.round)
+        client.portal.call(rep.quiesce)
+        assert rep.runtime.replica.counters.get("send_failures") == 1
+        assert rep.runtime.replica.state.state_hash() == before
+        assert endless.pulled <= (1 << 20) + (1 << 16)
