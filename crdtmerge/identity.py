@@ -174,7 +174,15 @@ def _chunk_hasher(index: int, length: int) -> blake3.blake3:
 
 
 def chunk_leaf(index: int, data: bytes | bytearray | memoryview) -> bytes:
-    """The leaf of chunk ``index`` of a tensor: ``H("crdtmerge/v1/chunk", u64 index, data)``."""
+    """The leaf of chunk ``index`` of a tensor: ``H("crdtmerge/v1/chunk", u64 index, data)``.
+
+    Args:
+        index: the chunk's position in its tensor (0-based).
+        data: the chunk's bytes (``chunk_size`` bytes, the last chunk may be shorter).
+
+    Returns:
+        The 32-byte leaf.
+    """
     view = memoryview(data).cast("B")
     h = _chunk_hasher(index, len(view))
     h.update(view)
@@ -183,6 +191,13 @@ def chunk_leaf(index: int, data: bytes | bytearray | memoryview) -> bytes:
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
     """The binary Merkle root of ``leaves`` (odd node promoted; ``[]`` gives the empty hash).
+
+    Args:
+        leaves: 32-byte hashes, in order.
+
+    Returns:
+        ``leaves[0]`` for one leaf; else the root of ``H("crdtmerge/v1/node", left, right)``
+        pairs built level by level.
 
     Example:
         >>> merkle_root([b"a" * 32]) == b"a" * 32
@@ -206,7 +221,18 @@ def _shape_bytes(shape: Sequence[int]) -> bytes:
 def tensor_leaf(
     name: str, dtype: str, shape: Sequence[int], nbytes: int, chunk_root: bytes
 ) -> bytes:
-    """The leaf of one tensor (name, dtype code, shape, size and the root of its chunk tree)."""
+    """The leaf of one tensor.
+
+    Args:
+        name: the tensor name (hashed as UTF-8).
+        dtype: the safetensors dtype code.
+        shape: the shape (hashed as ``u64 ndim`` then each ``u64`` dimension).
+        nbytes: the tensor's size in bytes.
+        chunk_root: :func:`merkle_root` of its chunk leaves.
+
+    Returns:
+        ``H("crdtmerge/v1/tensor", name, dtype, shape, nbytes, chunk_root)``.
+    """
     return domain_hash(
         _TENSOR,
         name.encode("utf-8"),
@@ -232,7 +258,19 @@ def object_root(
     *,
     chunk_size: int = CHUNK_SIZE,
 ) -> bytes:
-    """The root of an object from its metadata and its tensor leaves in sorted name order."""
+    """The root of an object.
+
+    Args:
+        metadata: the merge-relevant metadata.
+        tensor_leaves_sorted: :func:`tensor_leaf` of every tensor, in sorted name order.
+        chunk_size: the chunk size the leaves were computed with (committed in the root).
+
+    Returns:
+        ``H("crdtmerge/v1/object", u64 chunk_size, metadata leaf, tensor-tree root)``.
+
+    Raises:
+        InvalidInput: metadata with no canonical encoding.
+    """
     return domain_hash(
         _OBJECT, _u64(chunk_size), metadata_leaf(metadata), merkle_root(tensor_leaves_sorted)
     )
@@ -242,6 +280,12 @@ def set_root(roots: Iterable[bytes]) -> bytes:
     """The root of a set of object roots: ``H("crdtmerge/v1/set", *sorted(roots))``.
 
     Duplicates count once (it is a set). Used to derive merge seeds.
+
+    Args:
+        roots: 32-byte object roots, in any order.
+
+    Returns:
+        The 32-byte set root.
 
     Raises:
         InvalidInput: a root that is not 32 bytes.
@@ -528,6 +572,12 @@ def verify_chunk(
     manifest: Manifest, tensor_name: str, index: int, data: bytes | memoryview
 ) -> None:
     """Check that ``data`` is chunk ``index`` of ``tensor_name`` in a (verified) manifest.
+
+    Args:
+        manifest: a manifest already checked against the wanted root.
+        tensor_name: the tensor the chunk belongs to.
+        index: the chunk's position in that tensor.
+        data: the received bytes.
 
     Raises:
         IntegrityError: wrong length or the bytes do not hash to the chunk's leaf.

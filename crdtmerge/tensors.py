@@ -132,6 +132,12 @@ def _dtype(code: str) -> DType:
 def torch_dtype(code: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype code.
 
+    Args:
+        code: a key of :data:`DTYPES`, e.g. ``"BF16"``.
+
+    Returns:
+        The torch dtype, e.g. ``torch.bfloat16``.
+
     Raises:
         InvalidTensorFile: ``code`` is not in :data:`DTYPES`.
     """
@@ -145,6 +151,12 @@ def itemsize(code: str) -> int:
 
 def dtype_code(dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype.
+
+    Args:
+        dtype: a torch dtype, e.g. ``torch.float8_e4m3fn``.
+
+    Returns:
+        Its code, e.g. ``"F8_E4M3"``.
 
     Raises:
         InvalidTensorFile: the dtype has no entry in :data:`DTYPES` (e.g. complex types).
@@ -208,8 +220,12 @@ def _check_utf8(text: str, what: str) -> None:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without a copy when it is contiguous on CPU.
 
-    Non-contiguous, non-CPU or conjugated tensors are copied once into a contiguous CPU tensor.
-    The returned view keeps the tensor's storage alive.
+    Args:
+        tensor: any tensor of a dtype in :data:`DTYPES`.
+
+    Returns:
+        A byte ``memoryview`` (format ``B``). Non-contiguous or non-CPU tensors are copied once
+        into a contiguous CPU tensor; the view keeps that storage alive.
     """
     t = tensor.detach()
     if t.device.type != "cpu":
