@@ -5,6 +5,8 @@ last-writer-wins recipe); layer 2 is a pure, deterministic, streaming merge of t
 This module only re-exports the public API.
 """
 
+from .crdt import LWWRegister, MergeDocument, NodeState, ORSet
+from .engine import Contribution, MergeResult, merge
 from .errors import (
     CrdtMergeError,
     Forbidden,
@@ -21,12 +23,17 @@ from .errors import (
     UnsupportedStrategy,
     UnsupportedVersion,
 )
+from .identity import Manifest, Root, hash_tensors
 from .recipe import Recipe
+from .replica import Replica
+from .store import ObjectStore
 from .strategies import get_strategy, list_strategies
+from .tensors import open_tensors
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Contribution",
     "CrdtMergeError",
     "Forbidden",
     "IncompatibleInputs",
@@ -34,9 +41,18 @@ __all__ = [
     "InvalidInput",
     "InvalidRecipe",
     "InvalidTensorFile",
+    "LWWRegister",
+    "Manifest",
+    "MergeDocument",
+    "MergeResult",
+    "NodeState",
     "NotFound",
+    "ORSet",
+    "ObjectStore",
     "ProtocolError",
     "Recipe",
+    "Replica",
+    "Root",
     "StorageError",
     "TooLarge",
     "Unauthorized",
@@ -44,5 +60,8 @@ __all__ = [
     "UnsupportedVersion",
     "__version__",
     "get_strategy",
+    "hash_tensors",
     "list_strategies",
+    "merge",
+    "open_tensors",
 ]

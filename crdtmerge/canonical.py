@@ -109,7 +109,13 @@ def canonical_unpack(data: bytes) -> Any:
     """Decode bytes made by :func:`canonical_pack` (maps come back as dicts)."""
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+    ) as exc:
         raise InvalidInput(f"not a valid canonical msgpack value: {exc}") from exc
 
 
