@@ -361,7 +361,6 @@ class ObjectFetcher:
         usable = list(holders)  # peers still allowed to serve this object
         max_attempts = 8 * len(pending) + 16
         attempts = 0
-        write_lock = asyncio.Lock()
         inflight: dict[asyncio.Task[int], tuple[str, list[ChunkRef]]] = {}
         strikes: dict[str, int] = {}
         try:
@@ -376,9 +375,7 @@ class ObjectFetcher:
                     ordered = self.scores.order(usable, self.clock())
                     peer = ordered[attempts % len(ordered)]
                     batch = pending.popleft()
-                    task = asyncio.create_task(
-                        self._batch(partial, peer, batch, usable, write_lock)
-                    )
+                    task = asyncio.create_task(self._batch(partial, peer, batch, usable))
                     inflight[task] = (peer, batch)
                 if not inflight:
                     raise _NoHolder("every holder failed or served bad bytes")
@@ -407,7 +404,6 @@ class ObjectFetcher:
         peer: str,
         batch: list[ChunkRef],
         usable: list[str],
-        write_lock: asyncio.Lock,
     ) -> int:
         """Fetch one batch from ``peer``; return how many of its leading chunks were written."""
         manifest = partial.manifest
@@ -451,10 +447,9 @@ class ObjectFetcher:
         view = memoryview(data)
         for ref, n in zip(batch, sizes, strict=True):
             try:
-                async with write_lock:
-                    await asyncio.to_thread(
-                        partial.write_chunk, ref[0], ref[1], view[pos : pos + n]
-                    )
+                # no lock: chunks and bitmap bytes live at distinct offsets (pwrite), so
+                # batches verify, write and fsync in parallel threads
+                await asyncio.to_thread(partial.write_chunk, ref[0], ref[1], view[pos : pos + n])
             except IntegrityError as exc:
                 self._drop(peer, usable, exc.detail)
                 return written
