@@ -558,7 +558,7 @@ def apply_mask(
 
 def base_and_deltas(task: TensorTask) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The base and fresh task vectors (raises ``InvalidRecipe`` without a base)."""
-    deltas = task.deltas()
+    deltas = [d.contiguous() for d in task.deltas()]  # the in-place stages use flat views
     assert task.base is not None  # for the type checker: deltas() raised otherwise
     return task.base, deltas
 
