@@ -273,20 +273,23 @@ class Nemesis:
         groups = [sorted(nodes[:cut]), sorted(nodes[cut:])]
         mode = self.rng.choice(["refuse", "blackhole"])
         a_side, b_side = groups
-        # an element already acknowledged on the minority side, for an add-wins pair
-        candidates = [r for r, node in self.elements.first_node.items() if node in a_side]
+        a, b = self.rng.choice(a_side), self.rng.choice(b_side)
+        urls = self.c.urls
+        # an element live on b just before the cut, for an add-wins pair
+        with contextlib.suppress(RuntimeError, TimeoutError):  # b may be rebooting
+            wait_ready([urls[b]], timeout=30)
+        seen = run_op(self.h, "aw-b", urls[b], b, "read")
+        candidates = sorted(seen.value) if seen.type == "ok" and seen.value else []
         self.partition(groups, mode)
         t_part = time.monotonic()
         if candidates:
             # wait out the grace period (requests in flight when the cut happened), then:
-            # remove on the majority side; remove + re-add on the minority side (a new dot
-            # the majority cannot see): add-wins says the element stays
+            # b removes it; a removes and re-adds it (a new dot b cannot see): add-wins says
+            # the element stays
             time.sleep(max(0.0, t_part + self.grace_s + 0.3 - time.monotonic()))
             root = self.rng.choice(candidates)
-            a, b = self.rng.choice(a_side), self.rng.choice(b_side)
-            urls = self.c.urls
-            with contextlib.suppress(RuntimeError, TimeoutError):  # a node may be rebooting
-                wait_ready([urls[a], urls[b]], timeout=30)
+            with contextlib.suppress(RuntimeError, TimeoutError):  # a may be rebooting
+                wait_ready([urls[a]], timeout=30)
             run_op(self.h, "aw-b", urls[b], b, "remove", root)
             run_op(self.h, "aw-a", urls[a], a, "remove", root)
             data = self.elements.by_root[root]
