@@ -436,6 +436,8 @@ class Replication:
         except (RemoteProtocolError, UnsupportedVersion) as exc:
             log.warning("bad reply from %s: %s", peer, exc.detail)
             await self.runtime.handle(SendFailed(peer, self.core_now()))
+        except CrdtMergeError as exc:  # e.g. a Persist failed: nothing was acknowledged
+            log.error("joining the reply from %s failed: %s [%s]", peer, exc.detail, exc.code)
         finally:
             _current_peer.reset(token)
 
