@@ -10,6 +10,8 @@ Faults (each recorded in the history as a ``nemesis`` operation, invoke then ok/
   receiver's links so the fetch takes seconds, ``kill -9`` the receiver once its partial object
   has some but not all chunks, restart it, and count the chunk bytes delivered to it beyond the
   object's size (what the resume re-fetched);
+- **corrupt**: for a few seconds, half of the chunk answers to one node are bit-flipped and
+  a fifth truncated;
 - **pause**: ``SIGSTOP`` a node, ``SIGCONT`` it a few seconds later;
 - **skew**: ``kill -9`` and restart a node under libfaketime with its clock moved by up to
   ±4 minutes (inside the cluster-auth window of ±300 s; nothing in the design reads wall time
@@ -93,6 +95,7 @@ class Counts:
     transfer_kills: int = 0
     transfer_missed: int = 0
     add_wins_pairs: int = 0
+    corrupt_phases: int = 0
     refetched_bytes: int = 0
     object_bytes: int = 0
     resumed_chunks: int = 0
@@ -306,6 +309,21 @@ class Nemesis:
         self._hold(0.5, 2.5, deadline)
         self.start(i)
 
+    def phase_corrupt(self, deadline: float) -> None:
+        """Heavy corruption of object transfers on every link into one node: half the chunk
+        answers bit-flipped, a fifth truncated (the answers' MAC and the chunk leaves must
+        catch every one; the chunks are fetched again, from another peer if possible)."""
+        i = self.rng.randrange(self.c.n)
+        links = [f"{i}->{j}" for j in range(self.c.n) if j != i]
+        if i == self.bulk_receiver and not self.bulk_complete():
+            links = []  # keep the measured resume clean
+        for name in links:
+            self.c.proxy.set(name, bitflip=0.5, truncate=0.2, match="/chunks")
+        self._do("corrupt", {"node": i, "bitflip": 0.5, "truncate": 0.2}, lambda: None)
+        self.counts.corrupt_phases += 1
+        self._hold(3.0, 5.0, deadline)
+        self._do("uncorrupt", i, self.apply_links)
+
     def phase_pause(self, deadline: float) -> None:
         i = self.rng.randrange(self.c.n)
         self.pause(i)
@@ -391,7 +409,13 @@ class Nemesis:
         self.start_noise()
         self.phase_transfer_kill()
         self.apply_links()
-        phases = [self.phase_partition, self.phase_kill, self.phase_pause, self.phase_skew]
+        phases = [
+            self.phase_partition,
+            self.phase_kill,
+            self.phase_pause,
+            self.phase_skew,
+            self.phase_corrupt,
+        ]
         order = phases[:]
         self.rng.shuffle(order)
         for phase in order:

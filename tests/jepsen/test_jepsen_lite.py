@@ -167,6 +167,7 @@ def run_jepsen(
             "transfer_kills": nc.transfer_kills,
             "transfer_missed": nc.transfer_missed,
             "add_wins_pairs": nc.add_wins_pairs,
+            "corrupt_phases": nc.corrupt_phases,
             "noise": noise.describe(),
         }
         report["bad_chunks_rejected"] = nemesis.final_bad_chunks()
