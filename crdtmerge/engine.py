@@ -60,6 +60,11 @@ __all__ = ["Contribution", "MergeResult", "hash_source", "merge", "plan_merge"]
 
 #: tensors whose compute-dtype inputs together stay under this many bytes may overlap.
 _MIN_BUDGET_BYTES = 128 << 20
+#: elementwise strategies (no reduction over the tensor, no randomness) whose large tensors are
+#: merged in row blocks of about this many elements: same bits, a fraction of the memory.
+#: A strategy spec can opt in with a truthy ``elementwise`` attribute.
+_ELEMENTWISE = {("linear", 1), ("task_arithmetic", 1)}
+_BLOCK_ELEMENTS = 4 << 20
 #: how many finished-but-unwritten tensors may wait in the reorder window.
 _WINDOW = 3
 
@@ -241,7 +246,12 @@ class _Runner:
         self.threads = max(1, threads if threads is not None else torch.get_num_threads())
         self.workers = min(2, self.threads)
         n_inputs = len(plan.contributions) + (1 if plan.base is not None else 0)
-        self._cost = {t.name: t.numel * n_inputs * _itemsize(t.compute_dtype) for t in plan.tensors}
+        self._cost = {
+            t.name: min(t.numel, _BLOCK_ELEMENTS if self._blocks(t) else t.numel)
+            * n_inputs
+            * _itemsize(t.compute_dtype)
+            for t in plan.tensors
+        }
         self.budget = max([_MIN_BUDGET_BYTES, *self._cost.values()])
         self.roots = tuple(plan.roots)
 
@@ -290,9 +300,17 @@ class _Runner:
     # -- per tensor ---------------------------------------------------------------------------
 
     def _load(
-        self, source: TensorSource, name: str, dtype: torch.dtype, label: str
+        self,
+        source: TensorSource,
+        name: str,
+        dtype: torch.dtype,
+        label: str,
+        rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        t = source.tensor(name).to(device=self.device, dtype=dtype)
+        t = source.tensor(name)
+        if rows is not None:
+            t = t[rows[0] : rows[1]]  # a view of the mapping: only these rows are read
+        t = t.to(device=self.device, dtype=dtype)
         # NaN/Inf policy: reject. A sum is one cheap pass and is non-finite whenever an element
         # is; only then (or on an overflowing sum) is the exact element-wise test run.
         if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
@@ -301,16 +319,16 @@ class _Runner:
             )
         return t
 
-    def _task(self, tp: TensorPlan, stats: Any) -> TensorTask:
+    def _task(self, tp: TensorPlan, stats: Any, rows: tuple[int, int] | None = None) -> TensorTask:
         plan = self.plan
         base = (
-            self._load(plan.base, tp.name, tp.compute_dtype, "the base")
+            self._load(plan.base, tp.name, tp.compute_dtype, "the base", rows)
             if plan.base is not None
             else None
         )
         inputs = _LazyInputs(
             [(c.source, f"contribution {c.root.hex()[:16]}") for c in plan.contributions],
-            lambda src, label: self._load(src, tp.name, tp.compute_dtype, label),
+            lambda src, label: self._load(src, tp.name, tp.compute_dtype, label, rows),
         )
         side = [
             {
@@ -341,14 +359,41 @@ class _Runner:
                 self.plan.base if self.plan.base is not None else self.plan.contributions[0].source
             )
             return src.tensor(tp.name)
-        task = self._task(tp, stats)
-        out = self.plan.spec.merge(task)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tp.shape:
+        blocks = self._blocks(tp)
+        if blocks is None:
+            return self._checked(self.plan.spec.merge(self._task(tp, stats)), tp.shape, tp)
+        # an elementwise strategy on a large tensor: merge it block of rows by block of rows
+        # into the output buffer (same bits: every element sees the same operations)
+        out = torch.empty(tp.shape, dtype=tp.out_dtype)
+        for r0, r1 in blocks:
+            part = self.plan.spec.merge(self._task(tp, stats, (r0, r1)))
+            out[r0:r1].copy_(self._checked(part, (r1 - r0, *tp.shape[1:]), tp, cast=False))
+        return out
+
+    def _blocks(self, tp: TensorPlan) -> list[tuple[int, int]] | None:
+        """Row blocks for an elementwise strategy on a tensor above the block size."""
+        spec = self.plan.spec
+        elementwise = getattr(spec, "elementwise", False) or (
+            (spec.name, spec.version) in _ELEMENTWISE
+        )
+        if not elementwise or tp.numel <= _BLOCK_ELEMENTS or not tp.shape or tp.side_any:
+            return None
+        rows = tp.shape[0]
+        per_row = max(1, tp.numel // max(rows, 1))
+        step = max(1, _BLOCK_ELEMENTS // per_row)
+        return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+    def _checked(
+        self, out: Any, shape: tuple[int, ...], tp: TensorPlan, *, cast: bool = True
+    ) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise InvalidRecipe(
                 f"strategy {self.plan.spec.name!r} returned {got} for tensor {tp.name!r}, "
-                f"expected shape {list(tp.shape)}"
+                f"expected shape {list(shape)}"
             )
+        if not cast:
+            return out.to(device="cpu")
         return out.to(device="cpu", dtype=tp.out_dtype).contiguous()
 
     def merged(self, stats: Any) -> Iterator[tuple[TensorPlan, torch.Tensor]]:

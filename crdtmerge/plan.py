@@ -82,6 +82,11 @@ class TensorPlan:
     numel: int
 
     @property
+    def side_any(self) -> bool:
+        """Whether any contribution ships side tensors for this name."""
+        return any(self.side)
+
+    @property
     def out_nbytes(self) -> int:
         return self.numel * _itemsize(self.out_dtype)
 

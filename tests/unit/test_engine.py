@@ -330,3 +330,21 @@ def test_existing_output_is_refused(tmp_path: Path, models: dict[str, Path]) -> 
         merge(
             _recipe("linear", {}, None), [_contrib(models["ft1"])], out=tmp_path / "m.safetensors"
         )
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic"])
+def test_blockwise_merge_of_elementwise_strategies_is_bit_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    import crdtmerge.engine as engine
+
+    base = make_model(5, dtype=torch.bfloat16)
+    src_b = open_tensors(base)
+    base_root = hash_tensors(src_b).root
+    fts = [_contrib(make_finetune(base, seed=60 + i)) for i in range(3)]
+    recipe = _recipe(name, {"weight": 0.7}, base_root if name == "task_arithmetic" else None)
+    kw = {"base": src_b} if name == "task_arithmetic" else {}
+    whole = merge(recipe, fts, out=tmp_path / "whole.safetensors", **kw)
+    monkeypatch.setattr(engine, "_BLOCK_ELEMENTS", 40)  # blocks of 2-3 rows of 16
+    blocked = merge(recipe, fts, out=tmp_path / "blocked.safetensors", **kw)
+    assert blocked.root == whole.root
