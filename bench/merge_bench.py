@@ -211,6 +211,17 @@ def methods() -> dict[str, dict]:
 
 
 RANDOM = {"dare_ties", "della"}
+#: default order: quick methods first
+ORDER = (
+    "linear",
+    "task_arithmetic",
+    "slerp",
+    "model_stock",
+    "ties",
+    "dare_ties",
+    "breadcrumbs_ties",
+    "della",
+)
 
 
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str, float]:
@@ -272,7 +283,7 @@ def compare(a: Path, b: Path) -> dict:
     return {"max_abs_diff": max_abs, "differing_fraction": differing / total}
 
 
-def bench(names: list[str], repeat: int) -> list[dict]:
+def bench(names: list[str], repeat: int, on_row=None) -> list[dict]:
     OUT.mkdir(parents=True, exist_ok=True)
     cfg_dir = OUT / "configs"
     cfg_dir.mkdir(exist_ok=True)
@@ -339,6 +350,8 @@ def bench(names: list[str], repeat: int) -> list[dict]:
             if name not in RANDOM:
                 row.update(compare(out_mk, out_us))
         results.append(row)
+        if on_row is not None:
+            on_row(results)
         shutil.rmtree(out_mk, ignore_errors=True)
         shutil.rmtree(out_us, ignore_errors=True)
     return results
@@ -362,15 +375,18 @@ def render(results: list[dict], repeat: int, startup: dict) -> str:
         "t=0.5; model_stock base + 3). mergekit: `mergekit-yaml CFG OUT --no-copy-tokenizer "
         "--quiet --random-seed 42`; crdtmerge: `crdtmerge merge --recipe CFG --out OUT --json` "
         "(includes hashing every input and the output). Wall = min over runs, including process "
-        "start-up (mergekit ~6 s of imports); peak RSS = the child's `ru_maxrss`. Inputs warm "
-        "in the page cache; 2 cores.",
+        "start-up (mergekit ~6 s of imports); CPU = the child's user + system time (less "
+        "sensitive than wall time to other load on the machine); peak RSS = the child's "
+        "`ru_maxrss`. Inputs warm in the page cache; 2 cores. "
+        f"Load average at the start of this run: {startup.get('load', '?')}.",
         "",
     ]
     if have_mk:
         lines += [
-            "| method | mergekit wall (s) | crdtmerge wall (s) | speed-up | mergekit peak RSS "
-            "(MiB) | crdtmerge peak RSS (MiB) | RSS ratio | max abs diff vs mergekit |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | mergekit wall (s) | crdtmerge wall (s) | speed-up (wall) | mergekit CPU "
+            "(s) | crdtmerge CPU (s) | speed-up (CPU) | mergekit peak RSS (MiB) | crdtmerge "
+            "peak RSS (MiB) | RSS ratio | max abs diff vs mergekit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
             if r["method"] in RANDOM:
@@ -381,18 +397,22 @@ def render(results: list[dict], repeat: int, startup: dict) -> str:
                 diff = f"{r['max_abs_diff']:.3g} ({r['differing_fraction'] * 100:.2g}% of elements)"
             lines.append(
                 f"| {r['method']} | {r['mergekit_wall_s']:.1f} | {r['ours_wall_s']:.1f} | "
-                f"{r['speedup']:.1f}x | {r['mergekit_rss_mib']:.0f} | {r['ours_rss_mib']:.0f} | "
+                f"{r['speedup']:.1f}x | {r['mergekit_cpu_s']:.1f} | {r['ours_cpu_s']:.1f} | "
+                f"{r['cpu_ratio']:.1f}x | {r['mergekit_rss_mib']:.0f} | {r['ours_rss_mib']:.0f} | "
                 f"{r['rss_ratio']:.2f} | {diff} |"
             )
     else:
         lines += [
             "mergekit could not be installed; crdtmerge alone:",
             "",
-            "| method | crdtmerge wall (s) | crdtmerge peak RSS (MiB) |",
-            "|---|---|---|",
+            "| method | crdtmerge wall (s) | crdtmerge CPU (s) | crdtmerge peak RSS (MiB) |",
+            "|---|---|---|---|",
         ]
         for r in results:
-            lines.append(f"| {r['method']} | {r['ours_wall_s']:.1f} | {r['ours_rss_mib']:.0f} |")
+            lines.append(
+                f"| {r['method']} | {r['ours_wall_s']:.1f} | {r['ours_cpu_s']:.1f} | "
+                f"{r['ours_rss_mib']:.0f} |"
+            )
     lines += [
         "",
         f"Start-up alone: crdtmerge `--help` {startup['ours_help_s']:.1f} s / "
@@ -418,7 +438,7 @@ def write_docs(section: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=",".join(methods()))
+    ap.add_argument("--methods", default=",".join(ORDER))
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args()
@@ -426,7 +446,7 @@ def main() -> int:
     t0 = time.monotonic()
     make_models()
     print(f"models ready in {time.monotonic() - t0:.1f}s", flush=True)
-    startup: dict = {}
+    startup: dict = {"load": " / ".join(f"{x:.1f}" for x in os.getloadavg())}
     w, r, _, _ = run_child([*OURS, "--help"])
     startup.update(ours_help_s=w, ours_help_rss_mib=r / 2**20)
     if MERGEKIT.exists():
@@ -443,17 +463,17 @@ def main() -> int:
             check=False,
         )
         startup["mergekit_version"] = ver.stdout.strip() or "?"
-    results = bench(names, args.repeat)
-    report = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "startup": startup,
-        "results": results,
-    }
-    (OUT / "merge_bench.json").write_text(json.dumps(report, indent=2))
-    section = render(results, args.repeat, startup)
-    print(section)
-    if not args.no_docs:
-        write_docs(section)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+
+    def save(results: list[dict]) -> None:
+        # after every method: a slow run that is cut short still leaves its numbers
+        report = {"machine": machine, "startup": startup, "results": results}
+        (OUT / "merge_bench.json").write_text(json.dumps(report, indent=2))
+        if not args.no_docs:
+            write_docs(render(results, args.repeat, startup))
+
+    results = bench(names, args.repeat, save)
+    print(render(results, args.repeat, startup))
     return 0
 
 
