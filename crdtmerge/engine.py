@@ -27,6 +27,7 @@ on any error nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -148,6 +149,7 @@ def merge(
     runner = _Runner(plan, threads=threads, device=dev)
     stats = runner.prepass() if _needs_prepass(plan) else None
 
+    created = _missing_parents(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # a directory is built under a temporary sibling name and renamed into place when complete;
     # a single file is made atomic by the writer itself (temporary file + rename)
@@ -165,8 +167,21 @@ def merge(
     except BaseException:
         if not single_file:
             shutil.rmtree(target, ignore_errors=True)
+        for d in created:  # nothing left behind: not even the directories made for `out`
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     return MergeResult(root=manifest.root, manifest=manifest, files=files)
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, deepest first."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
 
 
 def _needs_prepass(plan: MergePlan) -> bool:
