@@ -45,8 +45,11 @@ def _seed() -> int:
     return int(raw) if raw else random.SystemRandom().randrange(1 << 31)
 
 
-def _converged(cluster: Cluster, merges: list[str]) -> dict[str, Any] | None:
-    """The agreed (digest, merged, live) per merge if every node agrees and has merged."""
+def _converged(
+    cluster: Cluster, merges: list[str], *, merged: bool = True
+) -> dict[str, Any] | None:
+    """The agreed (digest, merged, live) per merge if every node agrees (and, with ``merged``,
+    holds every object and has computed the merged model)."""
     out = {}
     for merge in merges:
         seen = set()
@@ -56,16 +59,16 @@ def _converged(cluster: Cluster, merges: list[str]) -> dict[str, Any] | None:
                     st = c.status(merge)
             except Exception:
                 return None
-            if st.get("missing") or not st.get("merged_hash"):
+            if merged and (st.get("missing") or not st.get("merged_hash")):
                 return None
             live = tuple(
                 sorted(x["root"] if isinstance(x, dict) else x for x in st["contributions"])
             )
-            seen.add((st["digest"], st["merged_hash"], live))
+            seen.add((st["digest"], st["merged_hash"] if merged else None, live))
         if len(seen) != 1:
             return None
-        digest, merged, live = seen.pop()
-        out[merge] = {"digest": digest, "merged": merged, "live": len(live)}
+        digest, merged_hash, live = seen.pop()
+        out[merge] = {"digest": digest, "merged": merged_hash, "live": len(live)}
     return out
 
 
@@ -128,9 +131,14 @@ def run_jepsen(
         agreed = None
         deadline = t_heal + converge_timeout_s
         while agreed is None and time.monotonic() < deadline:
+            if "digests_agree_after_heal_s" not in report and _converged(
+                cluster, [MERGE, BULK], merged=False
+            ):
+                report["digests_agree_after_heal_s"] = round(time.monotonic() - t_heal, 2)
             agreed = _converged(cluster, [MERGE, BULK])
             if agreed is None:
                 time.sleep(0.1)  # poll interval, bounded by the deadline
+        report.setdefault("digests_agree_after_heal_s", None)
         nemesis.finish_transfer()
         report["converged_after_heal_s"] = (
             round(time.monotonic() - t_heal, 2) if agreed is not None else None
@@ -204,7 +212,8 @@ def line(report: dict[str, Any]) -> str:
         f"{c['lost_count']} lost, {c['unexpected_count']} unexpected, "
         f"{c['resurrected_count']} resurrected, {c['duplicates_count']} duplicates, add-wins "
         f"{c['add_wins']['checked'] - c['add_wins']['violated']}/{c['add_wins']['checked']}; "
-        f"converged {r['converged_after_heal_s']} s after the final heal; merged hash equal on "
+        f"digests equal {r['digests_agree_after_heal_s']} s and merged hashes "
+        f"{r['converged_after_heal_s']} s after the final heal; merged hash equal on "
         f"{r['merged_equal']}/{r['nodes']}; {r['bad_chunks_rejected']} bad chunks rejected; "
         f"resume re-fetched {r['transfer']['refetched_bytes']} B of "
         f"{r['transfer']['object_bytes']} B; stable latency p50/p99/max {lat.get('50')}/"
