@@ -133,6 +133,9 @@ class Simulation:
     merges: bool = False
     seed: int = 0
     interval: float = 1.0
+    #: "full": every node is given every other (ids and URLs); "ring": node i is configured
+    #: with node i+1's URL only and learns the rest by hello and peer exchange
+    topology: str = "full"
     nodes: list[SimNode] = field(default_factory=list)
     net: SimNetwork = field(default_factory=SimNetwork)
     now: float = 0.0
@@ -155,7 +158,8 @@ class Simulation:
                 merge_enabled=self.merges,
                 merge_debounce_s=0.0,
                 gossip_interval_s=self.interval,
-                peer_exchange=False,
+                peers=(f"http://n{(i + 1) % self.n}",) if self.topology == "ring" else (),
+                peer_exchange=self.topology == "ring",
                 log_json=False,
                 extra={"gossip_loop": False},
             ).validated()
@@ -169,7 +173,7 @@ class Simulation:
             node.replication.rng = random.Random(rng.getrandbits(64))
             self.nodes.append(node)
         # "configuration": every node knows every other node's id and URL
-        for node in self.nodes:
+        for node in self.nodes if self.topology == "full" else ():
             rep = node.replication
             for other in self.nodes:
                 if other is not node:

@@ -102,6 +102,24 @@ def test_concurrent_add_and_remove_across_a_partition_add_wins(tmp_path):
     run(scenario())
 
 
+def test_peers_are_learned_by_hello_and_peer_exchange(tmp_path):
+    """Node i is configured with node i+1 only; everyone ends up knowing everyone."""
+
+    async def scenario():
+        async with Simulation(tmp_path, 5, topology="ring") as sim:
+            root = bytes.fromhex(await sim.push(2, "m", model_bytes(3)))
+            await _rounds_until(
+                sim,
+                lambda: all(len(n.replication.directory.by_id) == 4 for n in sim.nodes),
+                limit=40,
+            )
+            assert sim.nodes[0].replication.directory.learned  # not all from configuration
+            await _rounds_until(sim, lambda: sim.metadata_converged("m", {root}))
+            await _rounds_until(sim, lambda: sim.objects_complete({root}))
+
+    run(scenario())
+
+
 def test_removal_observed_everywhere_converges_to_empty(tmp_path):
     async def scenario():
         async with Simulation(tmp_path, 3) as sim:
