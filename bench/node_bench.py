@@ -3,8 +3,9 @@ memory during a large upload, and the time from the last push to a ready merged 
 
 Everything is measured in the same run against its peer:
 
-- **upload**: ``Client.put_object`` of one safetensors file (streamed body; the node writes it
-  to a temporary file, validates, hashes, fsyncs and renames it) vs ``shutil.copyfile`` +
+- **upload**: ``Client.push`` of one safetensors file as a contribution to a merge without a
+  recipe (streamed body; the node writes it to a temporary file, validates, hashes, fsyncs and
+  renames it, then commits the OR-Set add) vs ``shutil.copyfile`` +
   ``fsync`` of the same bytes, and vs the same client posting to a bare uvicorn ASGI app that
   only drains the body (:func:`drain_app`: the HTTP stack's own ceiling);
 - **download**: ``Client.download_object`` (streamed, fsynced) vs the same copy;
@@ -189,7 +190,7 @@ def main() -> int:
         sampler.start()
         with Client(url, token=TOKEN, timeout=600) as c:
             t0 = time.perf_counter()
-            up = c.put_object(big)
+            up = c.push("upload", big)
             upload_s = time.perf_counter() - t0
             sampler.stop.set()
             sampler.join()

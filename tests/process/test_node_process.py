@@ -264,11 +264,12 @@ def test_large_upload_keeps_node_memory_bounded(nodes, tmp_path):
     sampler.start()
     try:
         with a.client() as c:
-            result = c.put_object(tmp_path / "big.safetensors")
+            result = c.push("big", tmp_path / "big.safetensors")  # a contribution, no recipe
     finally:
         done.set()
         sampler.join()
     assert result.created and result.size == size
+    assert a.status("big")["contributions"] == [result.root]
     growth_mib = (peak["RssAnon"] - before["RssAnon"]) / 1024
     print(
         f"upload {size / 2**20:.0f} MiB: RssAnon +{growth_mib:.1f} MiB, peak VmRSS "
