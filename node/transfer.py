@@ -197,7 +197,7 @@ class ObjectFetcher:
         *,
         auth: httpx.Auth | None = None,
         on_complete: Callable[[bytes], Any] | None = None,
-        concurrency: int = 4,
+        concurrency: int = 8,
         batch_bytes: int = 4 << 20,
         timeout: float = 30.0,
         scores: PeerScores | None = None,
