@@ -100,6 +100,24 @@ def test_concurrent_add_and_remove_across_a_partition_add_wins(cluster):
     _finish(cluster, "addwins", {root})
 
 
+def test_lossy_delayed_links_still_converge(cluster):
+    """20% of requests and of answers dropped and 20 ms of delay on every link (an answer
+    dropped after the peer joined is the nasty case: the effect happened, the caller thinks it
+    failed)."""
+    cluster.set_recipe(0, "lossy", LINEAR)
+    cluster.proxy.set_all(drop_request=0.2, drop_response=0.2, delay_s=0.02)
+    a = cluster.push(0, "lossy", model_bytes(600))
+    b = cluster.push(1, "lossy", model_bytes(601))
+    c = cluster.push(2, "lossy", model_bytes(602))
+    cluster.remove(2, "lossy", c)
+    _finish(cluster, "lossy", {a, b}, timeout=90)
+    dropped = sum(
+        cluster.proxy.stats(n).dropped_requests + cluster.proxy.stats(n).dropped_responses
+        for n in cluster.proxy.links()
+    )
+    assert dropped > 0
+
+
 def test_corrupted_chunks_are_refused_and_fetched_from_another_peer(cluster):
     cluster.set_recipe(0, "corrupt", LINEAR)
     # n2 cannot reach n0, and everything n1 sends n2 for /chunks has one bit flipped
