@@ -28,7 +28,7 @@ elements), and no fused kernel (``lerp``, ``add(alpha=)``, ``addcmul``) is used.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,9 @@ __all__ = [
     "Keep",
     "apply_mask",
     "base_and_deltas",
+    "chunked_cut",
     "combine",
+    "combine_chunk",
     "elect_sign",
     "fixed_sum",
     "histogram_summary",
@@ -65,6 +67,7 @@ __all__ = [
     "threshold_from_histograms",
     "topk_count",
     "topk_mask",
+    "weight_totals",
 ]
 
 #: elements per chunk of the elementwise stages (1 MiB of float32: stays in the CPU cache).
@@ -178,26 +181,31 @@ def _kth_largest_key(keys: torch.Tensor, k: int) -> tuple[int, int, int]:
 _LITTLE = sys.byteorder == "little"
 
 
-def _magnitude_kth_float32(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
-    """Radix select of the k-th largest ``|x|`` of a contiguous float32 tensor, without ``abs``.
+Chunks = Callable[[int, int], torch.Tensor]
 
-    Level 1 histograms the high 16 bits of every element (sign folded away) straight from a
-    strided int16 view; level 2 histograms the low 16 bits of the few elements in the chosen
-    bucket. No full-size float temporaries are allocated.
+
+def _flat_chunks(x: torch.Tensor) -> Chunks:
+    flat = x.reshape(-1)
+    return lambda start, stop: flat[start:stop]
+
+
+def _magnitude_kth_float32(chunks: Chunks, n: int, k: int) -> tuple[torch.Tensor, int, int]:
+    """Radix select of the k-th largest ``|x|`` of float32 values, without ``abs``.
+
+    ``chunks(start, stop)`` yields the contiguous float32 values ``x[start:stop]`` (a view, or
+    computed on the fly, e.g. ``x_i - base``). Level 1 histograms the high 16 bits of every
+    element (sign folded away) from a strided int16 view; level 2 histograms the low 16 bits of
+    the few elements in the chosen bucket. Everything is chunked, so nothing full-size is
+    allocated (``np.bincount`` widens its input to 8-byte integers).
 
     Returns:
         ``(threshold, above, equal)``: the k-th largest magnitude as a 0-d float32 tensor, how
         many magnitudes are strictly greater, and how many are equal to it.
     """
-    flat = x.reshape(-1)
-    words = flat.view(torch.int32)
-    halves = flat.view(torch.int16)[1::2]
-    n = flat.numel()
-    # chunked histograms: np.bincount widens its input to intp, so whole-tensor calls would
-    # allocate 8 bytes per element
     raw = np.zeros(1 << 16, dtype=np.int64)
     for start in range(0, n, CHUNK):
-        raw += np.bincount(halves[start : start + CHUNK].numpy().view(np.uint16), minlength=1 << 16)
+        halves = chunks(start, min(start + CHUNK, n)).view(torch.int16)[1::2]
+        raw += np.bincount(halves.numpy().view(np.uint16), minlength=1 << 16)
     counts = raw[: 1 << 15] + raw[1 << 15 :]
     from_top = np.cumsum(counts[::-1])
     j = int(np.searchsorted(from_top, k))
@@ -206,9 +214,10 @@ def _magnitude_kth_float32(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int, 
     rank = k - above
     counts2 = np.zeros(1 << 16, dtype=np.int64)
     for start in range(0, n, CHUNK):
-        h = halves[start : start + CHUNK]
+        c = chunks(start, min(start + CHUNK, n))
+        h = c.view(torch.int16)[1::2]
         in_bucket = (h == d) | (h == d - (1 << 15))
-        low = words[start : start + CHUNK][in_bucket] & _DIGIT_MASK
+        low = c.view(torch.int32)[in_bucket] & _DIGIT_MASK
         counts2 += np.bincount(low.numpy(), minlength=1 << 16)
     from_top2 = np.cumsum(counts2[::-1])
     j2 = int(np.searchsorted(from_top2, rank))
@@ -277,14 +286,18 @@ def magnitude_cut(x: torch.Tensor, k: int) -> Cut | None:
     n = x.numel()
     if not 0 < k < n or x.dtype != torch.float32 or not _LITTLE or not x.is_contiguous():
         return None
-    t, above, equal = _magnitude_kth_float32(x, k)
+    return chunked_cut(_flat_chunks(x), n, k)
+
+
+def chunked_cut(chunks: Chunks, n: int, k: int) -> Cut:
+    """:func:`magnitude_cut` over float32 values given chunk by chunk (``0 < k < n``)."""
+    t, above, equal = _magnitude_kth_float32(chunks, n, k)
     need = k - above
     if need == equal:
         return Cut(t, n)
-    flat = x.reshape(-1)
     seen = 0
     for start in range(0, n, CHUNK):
-        c = flat[start : start + CHUNK]
+        c = chunks(start, min(start + CHUNK, n))
         ties = (c == t) | (c == -t)
         here = int(torch.count_nonzero(ties))
         if seen + here >= need:
@@ -305,16 +318,10 @@ def magnitude_topk(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(x.shape, dtype=torch.bool)
     if k <= 0:
         return torch.zeros(x.shape, dtype=torch.bool)
-    if x.dtype != torch.float32 or not _LITTLE or not x.is_contiguous():
+    cut = magnitude_cut(x, k)
+    if cut is None:
         return topk_mask(x.abs(), k)
-    t, above, equal = _magnitude_kth_float32(x, k)
-    need = k - above
-    if need == equal:
-        return (x >= t) | (x <= -t)
-    keep = (x > t) | (x < -t)
-    ties = torch.nonzero(((x == t) | (x == -t)).reshape(-1)).reshape(-1)[:need]
-    keep.view(-1)[ties] = True
-    return keep
+    return cut.top(x.reshape(-1), 0).reshape(x.shape)
 
 
 def topk_count(n: int, density: float) -> int:
@@ -617,38 +624,71 @@ def combine(
     flat_out = out.view(-1)
     flat = [d.reshape(-1) for d in deltas]
     flat_base = base.reshape(-1) if base is not None else None
-    # unit weights: count the agreeing contributions in uint8 (bool viewed as uint8 adds in
-    # place without a promoted temporary); counts are small exact integers, so the divisor
-    # equals the float sum of the agreeing 1.0 weights bit for bit.
+    unit, total = weight_totals(weights)
+    n = flat_out.numel()
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        combine_chunk(
+            flat_out[start:stop],
+            [d[start:stop] for d in flat],
+            weights,
+            consensus=consensus,
+            normalize=normalize,
+            lambda_=lambda_,
+            base=flat_base[start:stop] if flat_base is not None else None,
+            unit=unit,
+            total=total,
+        )
+    return out
+
+
+def weight_totals(weights: Sequence[float]) -> tuple[bool, float]:
+    """``(unit, total)`` for :func:`combine_chunk`.
+
+    ``unit``: all weights are 1 (then the agreeing contributions are counted in uint8 -- a bool
+    viewed as uint8 adds in place without a promoted temporary; small counts are exact, so the
+    divisor equals the float sum of the agreeing 1.0 weights bit for bit). ``total``: the sum of
+    the weights in order, 1 when ``|sum| < 1e-8`` (mergekit).
+    """
     unit = len(weights) < 256 and all(w == 1.0 for w in weights)
     total = 0.0
     for w in weights:
         total += w
     if abs(total) < 1e-8:
         total = 1.0
-    n = flat_out.numel()
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        mixed = flat_out[start:stop]
-        weighted = []
-        for d, w in zip(flat, weights, strict=True):
-            c = d[start:stop]
-            if w != 1.0:
-                c *= w
-            weighted.append(c)
-        if consensus is not None:
-            _disjoint_merge(mixed, weighted, weights, consensus, normalize, unit)
-        else:
-            mixed.copy_(weighted[0])
-            for c in weighted[1:]:
-                mixed += c
-            if normalize:
-                mixed /= total
-        if lambda_ != 1.0:
-            mixed *= lambda_
-        if flat_base is not None:
-            mixed += flat_base[start:stop]
-    return out
+    return unit, total
+
+
+def combine_chunk(
+    mixed: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: str | None,
+    normalize: bool,
+    lambda_: float,
+    base: torch.Tensor | None,
+    unit: bool,
+    total: float,
+) -> None:
+    """One chunk of :func:`combine`, written into ``mixed`` (``deltas`` are overwritten)."""
+    weighted = []
+    for c, w in zip(deltas, weights, strict=True):
+        if w != 1.0:
+            c *= w
+        weighted.append(c)
+    if consensus is not None:
+        _disjoint_merge(mixed, weighted, weights, consensus, normalize, unit)
+    else:
+        mixed.copy_(weighted[0])
+        for c in weighted[1:]:
+            mixed += c
+        if normalize:
+            mixed /= total
+    if lambda_ != 1.0:
+        mixed *= lambda_
+    if base is not None:
+        mixed += base
 
 
 def _disjoint_merge(

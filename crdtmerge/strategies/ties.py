@@ -28,6 +28,7 @@ Follows mergekit ``ties`` (generalized task arithmetic with the ``magnitude`` sp
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -79,7 +80,66 @@ def _prune_magnitude(task: TensorTask, i: int, delta: torch.Tensor) -> torch.Ten
 
 def ties(task: TensorTask) -> torch.Tensor:
     """TIES: magnitude trim, sign election, disjoint (weighted) mean, ``* lambda``, ``+ base``."""
+    if _fusable(task):
+        return _ties_streamed(task)
     return gta_merge(task, _prune_magnitude, str(task.params["sign_method"]))
+
+
+def _fusable(task: TensorTask) -> bool:
+    return (
+        task.params.get("trim_scope", "tensor") == "tensor"
+        and not task.params["rescale"]
+        and task.base is not None
+        and task.base.dtype == torch.float32
+        and all(x.dtype == torch.float32 and x.shape == task.base.shape for x in task.inputs)
+        and sys.byteorder == "little"
+    )
+
+
+def _ties_streamed(task: TensorTask) -> torch.Tensor:
+    """The per-tensor float32 TIES without materialised task vectors, bit-identical to
+    :func:`gta_merge` with :func:`_prune_magnitude`.
+
+    Each task vector is recomputed chunk by chunk (``x_i - base`` is elementwise, so a chunk
+    equals the same slice of the whole), once for the histograms of its cut and once for the
+    election and disjoint merge; every temporary stays in the CPU cache.
+    """
+    assert task.base is not None
+    shape = task.base.shape
+    base = task.base.contiguous().reshape(-1)
+    xs = [x.contiguous().reshape(-1) for x in task.inputs]
+    n = base.numel()
+    cuts: list[sp.Cut | None] = []
+    for i, x in enumerate(xs):
+        k = sp.topk_count(n, float(task.model_params[i]["density"]))
+        if k >= n:
+            cuts.append(None)
+        elif k <= 0:
+            cuts.append(sp.Cut(torch.tensor(float("inf")), n))
+        else:
+            cuts.append(sp.chunked_cut(lambda a, b, x=x: x[a:b] - base[a:b], n, k))
+    weights = task.weights
+    unit, total = sp.weight_totals(weights)
+    out = torch.empty(n, dtype=torch.float32)
+    for start in range(0, n, sp.CHUNK):
+        stop = min(start + sp.CHUNK, n)
+        b = base[start:stop]
+        ds = [x[start:stop] - b for x in xs]
+        for d, cut in zip(ds, cuts, strict=True):
+            if cut is not None:
+                d.masked_fill_(cut.top(d, start).logical_not_(), 0.0)
+        sp.combine_chunk(
+            out[start:stop],
+            ds,
+            weights,
+            consensus=str(task.params["sign_method"]),
+            normalize=bool(task.params["normalize"]),
+            lambda_=float(task.params["lambda"]),
+            base=b,
+            unit=unit,
+            total=total,
+        )
+    return out.view(shape)
 
 
 def observe_magnitudes(task: TensorTask) -> list[dict[str, Any]] | None:

@@ -313,6 +313,33 @@ def test_ties_model_scope_is_a_whole_model_top_k() -> None:
         spec.merge(make("ties", torch.zeros(4), [f32(1, 2, 3, 4)], params)[1])
 
 
+@pytest.mark.parametrize("chunk", [5, 1 << 18])
+def test_streamed_ties_equals_the_materialised_path(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crdtmerge.strategies import ties as ties_module
+
+    monkeypatch.setattr(sp, "CHUNK", chunk)
+    rng = np.random.Generator(np.random.PCG64(13))
+    for trial in range(30):
+        n = int(rng.integers(1, 400))
+        base = rng.standard_normal(n)
+        xs = [base + np.round(rng.standard_normal(n) * 2) / 4 for _ in range(3)]
+        t = [torch.from_numpy(a.astype(np.float32)) for a in (base, *xs)]
+        params = {
+            "sign_method": ["sum", "count"][trial % 2],
+            "lambda": [1.0, 0.6][trial % 3 == 0],
+            "normalize": trial % 4 != 1,
+        }
+        model = [{"density": float(d)} for d in rng.choice([0.0, 0.1, 0.5, 0.9, 1.0], 3)]
+        weights = [1.0, 1.0, 1.0] if trial % 2 else [float(w) for w in rng.random(3) * 2 - 0.5]
+        spec, task = make("ties", t[0], t[1:], params, model, weights)
+        assert ties_module._fusable(task)
+        streamed = spec.merge(task)
+        reference = ties_module.gta_merge(task, ties_module._prune_magnitude, params["sign_method"])
+        exact(streamed, reference)
+
+
 def test_identical_contributions_return_them() -> None:
     x = f32(1.5, -2, 0, 7)
     for name in ("linear", "ties"):
