@@ -252,7 +252,7 @@ class Replication:
         await self._discover(now)
         self._sync_core_peers()
         await self.runtime.handle(Tick(self.core_now(), self.rng.getrandbits(63)))
-        self._retry_fetches(now)
+        await self._retry_fetches(now)
 
     def core_now(self) -> float:
         """Time as the core sees it: in gossip intervals, so its peer backoff (1 unit,
@@ -473,10 +473,14 @@ class Replication:
         url = self.directory.url(peer) if peer is not None else None
         self.fetcher.ensure(effect.roots, prefer=[url] if url else [])
 
-    def _retry_fetches(self, now: float) -> None:
+    async def _retry_fetches(self, now: float) -> None:
         missing: set[bytes] = set()
         for name in self.runtime.merge_names():
             missing.update(self.runtime.replica.missing_roots(name))
+        for root in [r for r in missing if self.runtime.store.has(r)]:
+            # stored, but the core was never told (e.g. its ObjectStored failed): tell it now
+            missing.discard(root)
+            await self.runtime.object_stored(root)
         due = []
         for root in missing:
             failures, at = self._fetch_retry.get(root, (0, float("-inf")))
