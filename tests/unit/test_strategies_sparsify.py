@@ -14,7 +14,7 @@ import torch
 
 from crdtmerge.errors import InvalidRecipe
 from crdtmerge.rng import CounterRNG
-from crdtmerge.strategies import REQUIRED, TensorTask, get_strategy, list_strategies
+from crdtmerge.strategies import REQUIRED, TensorTask, _topk, get_strategy, list_strategies
 from crdtmerge.strategies import _sparsify as sp
 
 KEY = bytes(range(32))
@@ -161,6 +161,7 @@ def test_chunked_keep_rules_match_the_materialised_masks(
     chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sp, "CHUNK", chunk)
+    monkeypatch.setattr(_topk, "CHUNK", chunk)
     rng = np.random.Generator(np.random.PCG64(21))
     for trial in range(40):
         n = int(rng.integers(2, 300))
@@ -320,6 +321,7 @@ def test_streamed_ties_equals_the_materialised_path(
     from crdtmerge.strategies import ties as ties_module
 
     monkeypatch.setattr(sp, "CHUNK", chunk)
+    monkeypatch.setattr(_topk, "CHUNK", chunk)
     rng = np.random.Generator(np.random.PCG64(13))
     for trial in range(30):
         n = int(rng.integers(1, 400))
