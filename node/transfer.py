@@ -173,6 +173,9 @@ class _PeerFailed(Exception):
 MAX_SOURCES = 3
 #: consecutive failed requests after which a peer is not asked again during one fetch
 MAX_STRIKES = 3
+#: seconds to wait for one peer's manifest before asking the next (manifests are small and
+#: served from disk; a black-holed peer must not hold a fetch for the whole request timeout)
+MANIFEST_TIMEOUT_S = 5.0
 
 
 class ObjectFetcher:
@@ -187,6 +190,7 @@ class ObjectFetcher:
         concurrency: batches in flight per object.
         batch_bytes: target bytes per chunk-batch request.
         timeout: seconds per request.
+        manifest_timeout: seconds to wait for one peer's manifest before trying the next.
     """
 
     def __init__(
@@ -200,6 +204,7 @@ class ObjectFetcher:
         concurrency: int = 8,
         batch_bytes: int = 4 << 20,
         timeout: float = 30.0,
+        manifest_timeout: float = MANIFEST_TIMEOUT_S,
         scores: PeerScores | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -216,6 +221,7 @@ class ObjectFetcher:
         self.concurrency = concurrency
         self.batch_bytes = batch_bytes
         self.timeout = timeout
+        self.manifest_timeout = manifest_timeout
         self.scores = scores or PeerScores()
         self.clock = clock
         self.rng = rng or random.Random()
@@ -319,18 +325,21 @@ class ObjectFetcher:
         path = f"/v1/replication/objects/{root.hex()}/manifest"
         for i, peer in enumerate(peers):
             try:
-                resp = await self.http.get(
-                    peer + path,
-                    auth=self.auth,
-                    timeout=self.timeout,
-                    extensions={RESPONSE_LIMIT: MAX_MANIFEST_BYTES},
+                resp = await asyncio.wait_for(
+                    self.http.get(
+                        peer + path,
+                        auth=self.auth,
+                        timeout=self.timeout,
+                        extensions={RESPONSE_LIMIT: MAX_MANIFEST_BYTES},
+                    ),
+                    min(self.timeout, self.manifest_timeout),
                 )
             except (TooLarge, RemoteProtocolError) as exc:
                 self._bad(peer, f"manifest of {root.hex()[:12]}: {exc.detail}")
                 continue
-            except (httpx.HTTPError, Unauthorized) as exc:
+            except (httpx.HTTPError, Unauthorized, TimeoutError) as exc:
                 self.scores.failed(peer, self.clock())
-                log.debug("manifest %s from %s: %s", root.hex()[:12], peer, exc)
+                log.debug("manifest %s from %s: %r", root.hex()[:12], peer, exc)
                 continue
             if resp.status_code == 404:
                 continue  # the peer does not hold it (yet)
