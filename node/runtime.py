@@ -77,6 +77,7 @@ from crdtmerge.tensors import TensorSource
 from .db import Database
 from .metrics import Metrics
 from .settings import Settings
+from .spool import Spool
 from .state import MergeSnapshot, snapshot
 from .worker import MergeOutcome, MergeWorker
 
@@ -86,7 +87,6 @@ log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ROOT_RE = re.compile(r"^[0-9a-f]{64}$")
-_WRITE_BATCH = 4 << 20
 #: free disk space is checked again after every this many bytes of an upload
 _DISK_CHECK_EVERY = 64 << 20
 
@@ -484,9 +484,8 @@ class NodeRuntime:
         checked = 0
         t0 = time.perf_counter()
         try:
-            f = await asyncio.to_thread(open, tmp, "wb")
+            spool = await Spool.open(tmp)  # a writer thread: socket and disk overlap
             try:
-                buf = bytearray()
                 async for chunk in body:
                     size += len(chunk)
                     if size > limit:
@@ -494,14 +493,11 @@ class NodeRuntime:
                     if content_length is None and size - checked >= _DISK_CHECK_EVERY:
                         checked = size
                         self.check_disk(0)
-                    buf += chunk
-                    if len(buf) >= _WRITE_BATCH:
-                        data, buf = buf, bytearray()
-                        await asyncio.to_thread(f.write, data)
-                if buf:
-                    await asyncio.to_thread(f.write, buf)
-            finally:
-                await asyncio.to_thread(f.close)
+                    await spool.write(chunk)
+            except BaseException:
+                await spool.abort()
+                raise
+            await spool.close()
             self.metrics.upload_bytes_total.inc(size)
             if content_length is not None and size != content_length:
                 raise InvalidInput(
