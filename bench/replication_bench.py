@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
@@ -153,6 +154,16 @@ def transfer(size_mib: int = 256) -> None:
             seconds = time.monotonic() - t0
             stored = ObjectStore(nodes[0].data_dir / "objects").path(bytes.fromhex(root))
             size = stored.stat().st_size
+            # reference: the same bytes as one plain streamed HTTP download from A
+            t1 = time.monotonic()
+            with (
+                httpx.Client(timeout=300) as h,
+                h.stream("GET", f"{urls[0]}/v1/objects/{root}") as r,
+            ):
+                got = sum(len(b) for b in r.iter_bytes(1 << 20))
+            http_get = time.monotonic() - t1
+            if got != size:
+                raise RuntimeError(f"plain GET returned {got} bytes, expected {size}")
         finally:
             for n in nodes:
                 n.stop()
@@ -166,6 +177,10 @@ def transfer(size_mib: int = 256) -> None:
     print(
         f"| replication fetch (A → B, verified, fsynced) | {size:,} | {seconds:.2f} | {rate:,.0f} "
         f"| {rate / (mb / copy_sync):.0%} {'✓' if rate >= 0.5 * mb / copy_sync else '✗'} (goal ≥ 50%) |"
+    )
+    print(
+        f"| plain HTTP GET of the object from A (uvicorn → httpx, not stored) | {size:,} "
+        f"| {http_get:.2f} | {mb / http_get:,.0f} | {copy_sync / http_get:.0%} |"
     )
     print(
         f"| `shutil.copyfile` + `fsync` | {size:,} | {copy_sync:.2f} | {mb / copy_sync:,.0f} | 100% |"
