@@ -149,7 +149,7 @@ def observe_magnitudes(task: TensorTask) -> list[dict[str, Any]] | None:
     out = []
     for i, d in enumerate(task.deltas()):
         density = float(task.model_params[i]["density"])
-        out.append(sp.histogram_summary(d, sp.topk_count(d.numel(), density)))
+        out.append(sp.histogram_summary(d, min(max(density, 0.0), 1.0) * d.numel()))
     return out
 
 

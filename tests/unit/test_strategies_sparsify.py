@@ -515,3 +515,47 @@ def test_specs_are_registered_exact_version_one() -> None:
 def test_parameter_validation(name: str, param: str, value: Any, message: str) -> None:
     with pytest.raises(InvalidRecipe, match=message):
         get_strategy(name).param(param).check(value)
+
+
+def test_ties_model_scope_through_the_engine(tmp_path: Any) -> None:
+    """The engine's pre-pass feeds every tensor the model-wide thresholds: the merged model
+    keeps exactly the entries at or above each contribution's global bucket."""
+    from crdtmerge.engine import Contribution
+    from crdtmerge.engine import merge as engine_merge
+    from crdtmerge.identity import hash_tensors
+    from crdtmerge.recipe import Recipe
+    from crdtmerge.tensors import open_tensors
+    from tests.models import make_finetune, make_model
+
+    base = make_model(3)
+    fts = [make_finetune(base, seed=s, shared=0.0) for s in (41, 42)]
+    src_b = open_tensors(base)
+    contribs = []
+    for ft in fts:
+        src = open_tensors(ft)
+        contribs.append(Contribution(root=hash_tensors(src).root, source=src, metadata={}))
+    recipe = Recipe("ties", 1, {"density": 0.3, "trim_scope": "model"}, hash_tensors(src_b).root)
+    out = engine_merge(recipe, contribs, base=src_b, out=tmp_path / "m.safetensors")
+    merged = open_tensors(tmp_path / "m.safetensors")
+    # by hand: thresholds from all tensors, then each tensor with those stats
+    spec = get_strategy("ties")
+    order = sorted(contribs, key=lambda c: c.root)
+    ordered = [fts[[c.root for c in contribs].index(o.root)] for o in order]
+    names = sorted(base)
+    tasks = {
+        n: make(
+            "ties", base[n], [f[n] for f in ordered], {"trim_scope": "model"}, {"density": 0.3}
+        )[1]
+        for n in names
+    }
+    stats = spec.reduce([spec.observe(tasks[n]) for n in names], {"trim_scope": "model"})
+    kept = 0
+    for n in names:
+        tasks[n].stats = stats
+        exact(merged.tensor(n), spec.merge(tasks[n]))
+        for d, t in zip(tasks[n].deltas(), stats, strict=True):
+            kept += int((sp.magnitude_key(d) >= t).sum())
+    # k = int(0.3 * entries of the model) per contribution; the boundary bucket may add a few
+    k = int(0.3 * sum(base[n].numel() for n in names))
+    assert 2 * k <= kept <= 2 * k * 1.01 + 2
+    assert out.root == hash_tensors(merged).root
