@@ -96,7 +96,9 @@ class RequestLimits:
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         host = (scope.get("client") or ("unknown", 0))[0]
         if path.startswith("/v1/replication/objects/"):
-            node = headers.get("x-crdtmerge-node", b"").decode("latin-1")[:256]
+            # x-crdtmerge-auth: "v1 <node id> <ts> <nonce> <mac>" (node/auth_cluster.py)
+            auth = headers.get("x-crdtmerge-auth", b"").decode("latin-1").split(" ")
+            node = auth[1][:256] if len(auth) == 5 else ""
             await self._counted(
                 self.transfers,
                 (host, node),

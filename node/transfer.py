@@ -444,6 +444,9 @@ class ObjectFetcher:
             if peer in usable:
                 usable.remove(peer)
             return 0
+        if resp.status_code == 429:  # the peer is busy serving: back off, no strike
+            self.scores.failed(peer, self.clock())
+            return 0
         if resp.status_code != 200:
             self.scores.failed(peer, self.clock())
             raise _PeerFailed(f"HTTP {resp.status_code}")

@@ -124,10 +124,12 @@ def test_concurrent_transfers_per_peer_are_capped_per_address_and_id(tmp_path):
     s = Settings(data_dir=tmp_path, max_transfers_per_peer=1)
     limits = RequestLimits(None, s)  # type: ignore[arg-type]
     path = "/v1/replication/objects/" + "ab" * 32 + "/chunks"
-    peer = _scope("POST", path, headers=[("x-crdtmerge-node", "n1")])
+    peer = _scope("POST", path, headers=[("x-crdtmerge-auth", "v1 n1 0 nonce mac")])
     assert _run(limits, [peer, dict(peer)]) == [200, 429]
     # an impostor claiming the same id from elsewhere does not use n1's slots
-    other = _scope("POST", path, host="10.6.6.6", headers=[("x-crdtmerge-node", "n1")])
+    other = _scope(
+        "POST", path, host="10.6.6.6", headers=[("x-crdtmerge-auth", "v1 n1 0 nonce mac")]
+    )
     assert _run(limits, [peer, other]) == [200, 200]
 
 
