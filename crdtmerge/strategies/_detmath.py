@@ -141,6 +141,24 @@ def scalar(x: torch.Tensor) -> float:
 _CHUNK = 1 << 22
 
 
+#: reduction rows: a last dimension wider than this is reduced in levels of rows this wide, so
+#: every partial sum is computed by one thread in one fixed order, whatever the thread count
+#: (a single wide reduction is split between threads, and its rounding follows the split).
+_ROW = 4096
+
+
+def lastdim_sum64(p: torch.Tensor) -> torch.Tensor:
+    """``p.sum(dim=-1)`` for a float64 tensor, in an order fixed by ``_ROW`` alone."""
+    while p.shape[-1] > _ROW:
+        width = p.shape[-1]
+        m = width // _ROW
+        head = p[..., : m * _ROW].reshape(*p.shape[:-1], m, _ROW).sum(dim=-1)
+        if width > m * _ROW:
+            head = torch.cat([head, p[..., m * _ROW :].sum(dim=-1, keepdim=True)], dim=-1)
+        p = head
+    return p.sum(dim=-1)
+
+
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     """``sum(a * b)`` over all elements in float64: fixed chunks, partial sums added exactly.
 
@@ -153,7 +171,7 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     for i in range(0, fa.numel(), _CHUNK):
         ca = fa[i : i + _CHUNK].to(torch.float64)
         cb = fb[i : i + _CHUNK].to(torch.float64)
-        parts.append(float((ca * cb).sum().item()))
+        parts.append(float(lastdim_sum64(ca * cb).item()))
     return math.fsum(parts)
 
 
@@ -169,7 +187,7 @@ def rowdot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     b2 = b.reshape(-1, width)
     rows = max(1, _CHUNK // width)
     parts = [
-        (a2[i : i + rows].to(torch.float64) * b2[i : i + rows].to(torch.float64)).sum(dim=-1)
+        lastdim_sum64(a2[i : i + rows].to(torch.float64) * b2[i : i + rows].to(torch.float64))
         for i in range(0, a2.shape[0], rows)
     ]
     out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
