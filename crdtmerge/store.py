@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ._durable import fsync_path
 from .errors import (
     IntegrityError,
     InvalidInput,
@@ -97,22 +98,6 @@ def _root_hex(root: bytes) -> str:
     return root.hex()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(final: Path, data: bytes) -> None:
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
@@ -124,7 +109,7 @@ def _write_atomic(final: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def file_metadata(metadata: Any) -> dict[str, str]:
@@ -366,9 +351,9 @@ class ObjectStore:
             final = self._final(root, ".safetensors")
             final.parent.mkdir(exist_ok=True)
             if prepared.canonical:
-                _fsync_file(prepared.path)
+                fsync_path(prepared.path)
                 os.replace(prepared.path, final)
-                _fsync_dir(final.parent)
+                fsync_path(final.parent)
             else:
                 self._rewrite(prepared.path, prepared.manifest, final)
             _write_atomic(self._final(root, ".manifest"), prepared.manifest.to_bytes())
@@ -432,7 +417,7 @@ class ObjectStore:
             return False
         self._final(root, ".manifest").unlink(missing_ok=True)
         self._final(root, ".safetensors").unlink(missing_ok=True)
-        _fsync_dir(self._final(root, "").parent)
+        fsync_path(self._final(root, "").parent)
         return True
 
     # -- partial objects (replication) ------------------------------------------------------
@@ -529,7 +514,7 @@ class PartialObject:
             final = store._final(root, ".safetensors")
             final.parent.mkdir(exist_ok=True)
             os.replace(self._data, final)
-            _fsync_dir(final.parent)
+            fsync_path(final.parent)
             _write_atomic(store._final(root, ".manifest"), self.manifest.to_bytes())
         self.abandon()
         return root

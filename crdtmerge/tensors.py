@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from ._durable import fsync_path
 from .errors import InvalidInput, InvalidTensorFile, NotFound, StorageError
 
 __all__ = [
@@ -785,14 +786,6 @@ def canonical_header(
     return data + b" " * (-len(data) % 8)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _storage_errors(what: object) -> Iterator[None]:
     """Turn OS errors while writing (disk full, permissions, I/O) into ``StorageError``."""
@@ -1010,7 +1003,7 @@ class StreamingWriter:
                 paths = [t.final for t in self._temps]
                 if len(self._plan) > 1:
                     paths.append(self._write_index())
-                _fsync_dir(self._dir)
+                fsync_path(self._dir)
         except BaseException:
             self.abort()
             raise
