@@ -424,6 +424,18 @@ def render(results: list[dict], repeat: int, startup: dict) -> str:
             else "."
         ),
         "",
+        "Reading the numbers: both tools pay process start-up (crdtmerge: torch import; mergekit: "
+        "torch + transformers); crdtmerge also hashes all inputs (1.6 GB of BLAKE3) and its "
+        "output. The engine itself streams one tensor at a time on 2 workers; the elementwise "
+        "strategies (linear, task_arithmetic) run large tensors in row blocks, which is why their "
+        "peak RSS is a fraction of mergekit's. For the other methods peak RSS and CPU are set by "
+        "the strategy kernels on the 32000x1024 embedding / lm_head (k upcast float32 inputs or "
+        "task vectors plus temporaries; the largest tensors run alone). Differences to mergekit "
+        "come from arithmetic precision: mergekit computes these methods in the configured dtype "
+        "(bfloat16), crdtmerge accumulates in float32 and casts once (linear is bit-identical; "
+        "TIES-family outputs differ where bf16 rounding moves an element across the top-k "
+        "threshold or flips an election; model_stock's cosines are float64 here).",
+        "",
     ]
     return "\n".join(lines)
 
