@@ -155,7 +155,7 @@ def test_a_disk_that_fills_during_an_upload_is_507_and_keeps_nothing(
 ):
     import errno
 
-    import node.runtime as node_runtime
+    import node.spool as node_spool
 
     class FullDisk:
         def write(self, data: bytes) -> int:
@@ -164,7 +164,7 @@ def test_a_disk_that_fills_during_an_upload_is_507_and_keeps_nothing(
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(node_runtime, "open", lambda *a, **k: FullDisk(), raising=False)
+    monkeypatch.setattr(node_spool, "open", lambda *a, **k: FullDisk(), raising=False)
     r = node.post("/v1/merges/m/contributions", content=model_files["ft0"].read_bytes())
     assert (r.status_code, r.json()["error"]) == (507, "insufficient_storage")
     assert "No space left" in r.json()["detail"]
