@@ -272,6 +272,7 @@ def run_demo(
     if ok:
         worst = max(v.first_seen[(v.digest, v.merged)] for v in views)
         print(f"converged: {len(urls)} nodes, same digest and merged hash after {worst:.2f} s")
+        print(f"merged model hash: {views[0].merged}")
     else:
         print(f"NOT converged within {timeout:.0f} s", file=sys.stderr)
     return ok
