@@ -185,6 +185,9 @@ def rowdot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     width = max(int(a.shape[-1]), 1) if a.dim() else 1
     a2 = a.reshape(-1, width)
     b2 = b.reshape(-1, width)
+    if width > _CHUNK:  # a few very wide rows: chunked per row, never a whole float64 copy
+        out = torch.tensor([dot64(a2[r], b2[r]) for r in range(a2.shape[0])], dtype=torch.float64)
+        return out.reshape(a.shape[:-1]) if a.dim() else out.reshape(())
     rows = max(1, _CHUNK // width)
     parts = [
         lastdim_sum64(a2[i : i + rows].to(torch.float64) * b2[i : i + rows].to(torch.float64))
