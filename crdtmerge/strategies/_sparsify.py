@@ -22,6 +22,7 @@ elements), and no fused kernel (``lerp``, ``add(alpha=)``, ``addcmul``) is used.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -154,6 +155,21 @@ class Uniforms:
         w = self._words[start:stop] >> np.uint32(8)
         return torch.from_numpy(w.astype(np.float32) * np.float32(2.0**-24))
 
+    def drop(self, start: int, stop: int, p: float) -> torch.Tensor:
+        """``self(start, stop) >= float32(p)``, decided on the words without making floats.
+
+        ``u = k * 2**-24`` with ``k = w >> 8``, so ``u < p`` iff ``k < ceil(p * 2**24)`` (``p``
+        as float32 scaled by a power of two is exact) iff ``w < ceil(p * 2**24) << 8``: one
+        integer comparison per element, bit-identical to comparing the uniforms.
+        """
+        t = math.ceil(float(np.float32(p)) * 2.0**24)
+        words = self._words[start:stop]
+        if t >= 1 << 24:
+            return torch.zeros(words.shape, dtype=torch.bool)
+        if t <= 0:
+            return torch.ones(words.shape, dtype=torch.bool)
+        return torch.from_numpy(words >= np.uint32(t << 8))
+
 
 def random_mask(
     task: TensorTask, i: int, shape: torch.Size, p: float | torch.Tensor
@@ -179,11 +195,10 @@ def random_drop(
     flat = delta.view(-1)
     n = flat.numel()
     u = Uniforms(task, i, n)
-    p = torch.tensor(density, dtype=torch.float32)
     before = l1_norm(delta) if rescale == "l1" else 0.0
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
-        flat[start:stop].masked_fill_(u(start, stop) >= p, 0.0)
+        flat[start:stop].masked_fill_(u.drop(start, stop, density), 0.0)
     if rescale == "l1":
         after = l1_norm(delta)
         if before >= 1e-7 and after >= 1e-7:
