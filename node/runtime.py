@@ -407,11 +407,12 @@ class NodeRuntime:
         root = prepared.root
         await self.object_stored(root)
         async with self._lock:
-            # a root that is already live is not re-added (that would mint a new dot for
-            # nothing); otherwise the core adds it and the Ack comes after the Persist
+            # every acknowledged add mints a fresh dot, even for a root that is live here:
+            # a remove of the same root on the far side of a partition has not seen that dot,
+            # so this add wins over it (add-wins; found by the Jepsen-lite run, seed
+            # 1412824649). The answer still says whether the root was new to this replica.
             added = root not in self.replica.state.get(name).contributions
-            if added:
-                await self._execute(self.replica.handle(AddContribution(name, root)))
+            await self._execute(self.replica.handle(AddContribution(name, root)))
         self.metrics.uploads_total.labels(kind="contribution", result="ok").inc()
         if created_obj:
             self.metrics.objects.inc()

@@ -88,7 +88,6 @@ def test_concurrent_add_and_remove_across_a_partition_add_wins(tmp_path):
             sim.net.cut |= {(a, b) for a in ("n0",) for b in ("n1", "n2")}
             sim.net.cut |= {(b, a) for a in ("n0",) for b in ("n1", "n2")}
             await sim.remove(1, "m", root.hex())  # n1 removes the add it observed
-            await sim.push(0, "m", model_bytes(1))  # n0: a live root; push it again (no-op)
             # n0 removes and re-adds: a fresh dot, concurrent with n1's remove
             await sim.remove(0, "m", root.hex())
             await sim.push(0, "m", model_bytes(1))
@@ -96,6 +95,28 @@ def test_concurrent_add_and_remove_across_a_partition_add_wins(tmp_path):
             assert sim.live(0, "m") == {root} and sim.live(1, "m") == set()
             sim.net.cut.clear()
             sim.now += 100  # backoffs of the failed notices expire
+            await _rounds_until(sim, lambda: sim.metadata_converged("m", {root}))
+            assert all(sim.live(i, "m") == {root} for i in range(3))
+
+    run(scenario())
+
+
+def test_re_push_of_a_live_root_wins_over_a_concurrent_remove(tmp_path):
+    """Bug found by Jepsen-lite (seed 1412824649): a push of a root that was already live was
+    answered 200 without a new dot, so a remove of that root across a partition erased an
+    acknowledged add after the heal. Every acknowledged add now mints a fresh dot."""
+
+    async def scenario():
+        async with Simulation(tmp_path, 3) as sim:
+            root = bytes.fromhex(await sim.push(0, "m", model_bytes(1)))
+            await _rounds_until(sim, lambda: sim.metadata_converged("m", {root}))
+            sim.net.cut |= {(a, b) for a in ("n0",) for b in ("n1", "n2")}
+            sim.net.cut |= {(b, a) for a in ("n0",) for b in ("n1", "n2")}
+            await sim.remove(1, "m", root.hex())
+            await sim.push(0, "m", model_bytes(1))  # live on n0: acknowledged with 200
+            await sim.quiesce()
+            sim.net.cut.clear()
+            sim.now += 100
             await _rounds_until(sim, lambda: sim.metadata_converged("m", {root}))
             assert all(sim.live(i, "m") == {root} for i in range(3))
 
