@@ -10,9 +10,10 @@ every object re-hashes to its root on every node.
 ``test_jepsen_full_5_nodes``: the same with 5 nodes for longer; only with
 ``CRDTMERGE_JEPSEN_FULL=1``.
 
-Seeds: ``CRDTMERGE_JEPSEN_SEED=n`` fixes the seed (the workload, the nemesis schedule and the
-proxy's randomness derive from it; timing still varies); otherwise a random seed is drawn and
-printed, and always shown on failure. ``CRDTMERGE_JEPSEN_REPORT=path`` writes the run's report
+Seeds: the workload, the nemesis schedule and the proxy's randomness derive from one seed
+(timing still varies). By default the run replays ``DEFAULT_SEED`` (the schedule that found
+the re-push add-wins bug); ``CRDTMERGE_JEPSEN_SEED=n`` picks another and
+``CRDTMERGE_JEPSEN_SEED=random`` draws one. The seed is printed, and shown on failure. ``CRDTMERGE_JEPSEN_REPORT=path`` writes the run's report
 as JSON; the history is in the test's temporary directory (``history.jsonl``).
 """
 
@@ -40,9 +41,16 @@ pytestmark = pytest.mark.slow
 GRACE_S = 3.0
 
 
+#: the seed of the default run: CI replays one schedule that is known to pass, so a red run
+#: means a regression, not a newly drawn schedule; `CRDTMERGE_JEPSEN_SEED=random` explores.
+DEFAULT_SEED = 1412824649
+
+
 def _seed() -> int:
-    raw = os.environ.get("CRDTMERGE_JEPSEN_SEED")
-    return int(raw) if raw else random.SystemRandom().randrange(1 << 31)
+    raw = os.environ.get("CRDTMERGE_JEPSEN_SEED", "")
+    if raw == "random":
+        return random.SystemRandom().randrange(1 << 31)
+    return int(raw) if raw else DEFAULT_SEED
 
 
 def _converged(
