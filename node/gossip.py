@@ -342,23 +342,31 @@ class Replication:
         if targets:
             await asyncio.gather(*(self._hello(u, now) for u in targets))
 
+    async def _exchange(self, url: str, path: str, body: bytes, what: str) -> bytes:
+        """POST a signed msgpack body to a peer; count the bytes; the answer's body.
+
+        Raises:
+            httpx.HTTPError: the request failed.
+            RemoteProtocolError: the peer answered anything but 200.
+        """
+        resp = await self.runtime.http.post(
+            f"{url}{path}",
+            content=body,
+            auth=self.auth,
+            timeout=self.timeout,
+            headers={"content-type": MSGPACK},
+        )
+        self.bytes_sent += len(body)
+        if resp.status_code != 200:
+            raise RemoteProtocolError(f"{what} answered HTTP {resp.status_code}: {resp.text[:200]}")
+        self.bytes_received += len(resp.content)
+        return resp.content
+
     async def _hello(self, url: str, now: float) -> None:
         body = self._hello_body()
         try:
-            resp = await self.runtime.http.post(
-                f"{url}/v1/replication/hello",
-                content=body,
-                auth=self.auth,
-                timeout=self.timeout,
-                headers={"content-type": MSGPACK},
-            )
-            self.bytes_sent += len(body)
-            if resp.status_code != 200:
-                raise RemoteProtocolError(
-                    f"hello answered HTTP {resp.status_code}: {resp.text[:200]}"
-                )
-            self.bytes_received += len(resp.content)
-            pid, _their_url, peers = self.parse_hello(resp.content)
+            answer = await self._exchange(url, "/v1/replication/hello", body, "hello")
+            pid, _their_url, peers = self.parse_hello(answer)
         except (httpx.HTTPError, CrdtMergeError) as exc:
             self.directory.failed(url, now, self.interval)
             log.debug("hello to %s failed: %s", url, exc)
@@ -405,20 +413,8 @@ class Replication:
             return
         body = encode(message)
         try:
-            resp = await self.runtime.http.post(
-                f"{url}/v1/replication/messages",
-                content=body,
-                auth=self.auth,
-                timeout=self.timeout,
-                headers={"content-type": MSGPACK},
-            )
-            self.bytes_sent += len(body)
-            if resp.status_code != 200:
-                raise RemoteProtocolError(
-                    f"{url} answered HTTP {resp.status_code}: {resp.text[:200]}"
-                )
-            self.bytes_received += len(resp.content)
-            replies = self._decode_replies(resp.content)
+            answer = await self._exchange(url, "/v1/replication/messages", body, url)
+            replies = self._decode_replies(answer)
         except (
             httpx.HTTPError,
             Unauthorized,
