@@ -144,19 +144,26 @@ _CHUNK = 1 << 22
 #: reduction rows: a last dimension wider than this is reduced in levels of rows this wide, so
 #: every partial sum is computed by one thread in one fixed order, whatever the thread count
 #: (a single wide reduction is split between threads, and its rounding follows the split).
-_ROW = 4096
+ROW = 4096
+_ROW = ROW  # below torch's GRAIN_SIZE (32768), so a row is always reduced serially
 
 
-def lastdim_sum64(p: torch.Tensor) -> torch.Tensor:
-    """``p.sum(dim=-1)`` for a float64 tensor, in an order fixed by ``_ROW`` alone."""
+def lastdim_sum(p: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``p.sum(dim=-1, dtype=dtype)`` in an order fixed by ``_ROW`` alone (any thread count).
+
+    The last dimension is summed in rows of ``_ROW`` (each row by one thread), the part that
+    does not fill a row on its own, and the row sums again the same way until at most ``_ROW``
+    remain.
+    """
     while p.shape[-1] > _ROW:
         width = p.shape[-1]
         m = width // _ROW
-        head = p[..., : m * _ROW].reshape(*p.shape[:-1], m, _ROW).sum(dim=-1)
+        head = p[..., : m * _ROW].reshape(*p.shape[:-1], m, _ROW).sum(dim=-1, dtype=dtype)
         if width > m * _ROW:
-            head = torch.cat([head, p[..., m * _ROW :].sum(dim=-1, keepdim=True)], dim=-1)
+            tail = p[..., m * _ROW :].sum(dim=-1, keepdim=True, dtype=dtype)
+            head = torch.cat([head, tail], dim=-1)
         p = head
-    return p.sum(dim=-1)
+    return p.sum(dim=-1, dtype=dtype)
 
 
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -171,7 +178,7 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     for i in range(0, fa.numel(), _CHUNK):
         ca = fa[i : i + _CHUNK].to(torch.float64)
         cb = fb[i : i + _CHUNK].to(torch.float64)
-        parts.append(float(lastdim_sum64(ca * cb).item()))
+        parts.append(float(lastdim_sum(ca * cb).item()))
     return math.fsum(parts)
 
 
@@ -190,7 +197,7 @@ def rowdot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out.reshape(a.shape[:-1]) if a.dim() else out.reshape(())
     rows = max(1, _CHUNK // width)
     parts = [
-        lastdim_sum64(a2[i : i + rows].to(torch.float64) * b2[i : i + rows].to(torch.float64))
+        lastdim_sum(a2[i : i + rows].to(torch.float64) * b2[i : i + rows].to(torch.float64))
         for i in range(0, a2.shape[0], rows)
     ]
     out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRecipe
+from ._detmath import ROW, lastdim_sum
 from ._topk import (
     CHUNK,
     HIST_BINS,
@@ -84,30 +85,20 @@ __all__ = [
     "weight_totals",
 ]
 
-# Row length of the fixed-order reduction; below torch's GRAIN_SIZE (32768) so the last
-# reduction is always serial.
-_ROW = 4096
+# Row length of the fixed-order reduction (l1_norm's first level must match fixed_sum's).
+_ROW = ROW
 
 
 def fixed_sum(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The sum of all elements of ``x`` in ``dtype``, bit-identical for any thread count.
 
-    The flat tensor is summed as rows of 4096 (each row reduced by one thread), the row sums
-    again as rows, until fewer than 4096 values remain; the tail that does not fill a row is
-    summed on its own (serially) and appended.
+    The flat tensor reduced by :func:`._detmath.lastdim_sum` (rows of 4096, each reduced by one
+    thread, the row sums again as rows; a tail that does not fill a row summed on its own).
 
     Returns:
         a 0-d tensor of ``dtype``.
     """
-    v = x.reshape(-1)
-    while v.numel() > _ROW:
-        m = v.numel() // _ROW
-        head = v[: m * _ROW].view(m, _ROW).sum(dim=1, dtype=dtype)
-        if v.numel() > m * _ROW:
-            tail = v[m * _ROW :].sum(dtype=dtype).reshape(1)
-            head = torch.cat([head, tail])
-        v = head
-    return v.sum(dtype=dtype)
+    return lastdim_sum(x.reshape(-1), dtype)
 
 
 def l1_norm(x: torch.Tensor) -> float:
