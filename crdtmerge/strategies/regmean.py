@@ -24,8 +24,8 @@ the sum is singular. A base, if named, is not used (RegMean merges full weights)
 (Gram matrices of the merged model's activations) needs the model and data at merge time and is
 not offered.
 
-Determinism: ``platform``: the matrix products and the solve run in LAPACK/BLAS, whose bits
-depend on the library build and CPU. Everything else is in canonical order.
+Determinism: ``platform``: the matrix products and the solve run in LAPACK/BLAS on one thread
+(see ``_linalg``), whose bits depend on the library build and CPU but not the thread count. Everything else is in canonical order.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import IncompatibleInputs, InvalidRecipe
+from ._linalg import single_threaded
 from .base import ParamSpec, StrategySpec, TensorTask
 
 __all__ = ["SPECS", "regmean_solve"]
@@ -107,6 +108,7 @@ def regmean_solve(
     return sol.T.to(weights_2d[0].dtype).contiguous()
 
 
+@single_threaded
 def _merge(task: TensorTask) -> torch.Tensor:
     xs = list(task.inputs)
     grams = _grams(task)

@@ -35,8 +35,9 @@ with the largest magnitude (the first such) is positive. The three results are m
 invariant under these flips (the polar factors and the flat spectrum absorb them), and fixing
 the signs keeps intermediate bits stable across LAPACK builds that choose differently.
 
-Determinism: ``platform``: SVDs and matrix products run in LAPACK/BLAS; the result is
-reproducible on one platform and build but not bit-identical across them. Non-matrix tensors are
+Determinism: ``platform``: SVDs and matrix products run in LAPACK/BLAS, on one thread (see
+``_linalg``); the result is reproducible on one platform and build, whatever the thread count,
+but not bit-identical across them. Non-matrix tensors are
 exact means in canonical order.
 """
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidRecipe
+from ._linalg import single_threaded
 from .base import ParamSpec, StrategySpec, TensorTask
 
 __all__ = ["SPECS", "iso_c_matrix", "iso_cts_matrix", "svd_fixed", "tsv_m_matrix"]
@@ -139,18 +141,21 @@ def _finish(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Ten
     return base + torch.tensor(scale, dtype=base.dtype) * merged.to(base.dtype)
 
 
+@single_threaded
 def _tsv_m(task: TensorTask) -> torch.Tensor:
     base, ds = _deltas(task, "tsv_m")
     merged = tsv_m_matrix(ds) if base.dim() == 2 else _mean(ds)
     return _finish(base, merged, float(task.params["alpha"]))
 
 
+@single_threaded
 def _iso_c(task: TensorTask) -> torch.Tensor:
     base, ds = _deltas(task, "iso_c")
     merged = iso_c_matrix(ds) if base.dim() == 2 else _mean(ds)
     return _finish(base, merged, float(task.params["scaling_factor"]))
 
 
+@single_threaded
 def _iso_cts(task: TensorTask) -> torch.Tensor:
     base, ds = _deltas(task, "iso_cts")
     if base.dim() == 2:

@@ -98,19 +98,10 @@ for _spec in STRATEGIES:
         CASES.append((_spec, _params))
         CASE_IDS.append(_variant_id(_spec, _params, _default))
 
-# Thread-count invariance is promised by "exact" strategies; "platform" ones call LAPACK/BLAS,
-# whose results may change with the thread count (reported, not enforced).
+# Thread-count invariance holds for every strategy: "exact" ones by construction, "platform" ones
+# because their LAPACK/BLAS calls run on one thread (strategies/_linalg.py).
 THREAD_CASES = [
-    pytest.param(
-        spec,
-        params,
-        id=case_id,
-        marks=(
-            [pytest.mark.xfail(reason="platform determinism: BLAS/LAPACK threads", strict=False)]
-            if spec.determinism == "platform"
-            else []
-        ),
-    )
+    pytest.param(spec, params, id=case_id)
     for (spec, params), case_id in zip(CASES, CASE_IDS, strict=True)
 ]
 

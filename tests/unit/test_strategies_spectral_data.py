@@ -147,6 +147,32 @@ def test_svd_strategies_repeat_bit_identically() -> None:
         assert bits(run(name, xs, base=base)) == bits(run(name, xs, base=base))
 
 
+def test_linalg_strategies_run_on_one_thread_and_restore_the_callers_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The thread count torch reports from inside the SVD is the one MKL uses for it (both are
+    # per thread); the caller's own setting must come back afterwards.
+    seen: list[int] = []
+    real = torch.linalg.svd
+
+    def spy(a: torch.Tensor, full_matrices: bool = True) -> Any:
+        seen.append(torch.get_num_threads())
+        return real(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    base = randn((20, 16), 8)
+    xs = [base + randn((20, 16), 9 + i) for i in range(2)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run("iso_c", xs, base=base)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+    assert after == 2
+
+
 # --- fisher --------------------------------------------------------------------------------
 
 
