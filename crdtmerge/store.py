@@ -41,7 +41,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -474,8 +474,19 @@ class PartialObject:
         """(tensor name, chunk index) pairs still to fetch."""
         return [c for c, have in zip(self._chunks, self._have, strict=True) if not have]
 
-    def write_chunk(self, tensor_name: str, index: int, data: bytes) -> None:
-        """Verify ``data`` against the manifest's leaf, then write and record it.
+    def write_chunk(
+        self,
+        tensor_name: str,
+        index: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        durable: bool = True,
+    ) -> None:
+        """Verify ``data`` against the manifest's leaf, then write it at its offset.
+
+        With ``durable`` (the default) the chunk is also fsynced and recorded in the bitmap.
+        Without it the chunk is only written: it counts once :meth:`commit` has run for it, so a
+        receiver can write a whole batch and pay one ``fdatasync`` for all of it.
 
         Raises:
             IntegrityError: the bytes do not hash to the leaf (nothing is written).
@@ -486,18 +497,31 @@ class PartialObject:
             raise NotFound(f"object {self.root.hex()[:16]} has no chunk {index} of {tensor_name!r}")
         verify_chunk(self.manifest, tensor_name, index, data)
         start, _ = self.manifest.chunk_span(tensor_name, index)
-        pos = self._offsets[tensor_name] + start
         fd = os.open(self._data, os.O_WRONLY)
         try:
-            os.pwrite(fd, data, pos)
-            os.fsync(fd)
+            os.pwrite(fd, data, self._offsets[tensor_name] + start)
         finally:
             os.close(fd)
-        i = self._index[key]
-        self._have[i] = 1
+        if durable:
+            self.commit([key])
+
+    def commit(self, chunks: Sequence[tuple[str, int]]) -> None:
+        """Record chunks written with ``durable=False``: the data is made durable first
+        (``fdatasync``), then their bitmap bytes are set and fsynced, so after a crash the
+        bitmap never claims a chunk that is not on disk."""
+        if not chunks:
+            return
+        fd = os.open(self._data, os.O_WRONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
         fd = os.open(self._have_path, os.O_WRONLY)
         try:
-            os.pwrite(fd, b"\x01", i)
+            for key in chunks:
+                i = self._index[key]
+                self._have[i] = 1
+                os.pwrite(fd, b"\x01", i)
             os.fsync(fd)
         finally:
             os.close(fd)

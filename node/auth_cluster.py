@@ -21,8 +21,11 @@ reads of content-addressed bytes.
 Responses are signed too (``x-crdtmerge-sig``: the MAC over the request's nonce, the status
 code and the body hash), so a node only joins state that came from a cluster member, not from
 something on the network path. Only successful (2xx) responses must be signed: an error answer
-carries no state, and forging one denies service, which a network attacker can do anyway. :class:`ClusterAuth` is an ``httpx.Auth`` that signs every
-outgoing request and checks every response; a missing or wrong response MAC raises
+carries no state, and forging one denies service, which a network attacker can do anyway.
+Chunk bytes are the exception (request extension :data:`UNSIGNED_RESPONSE`): they are content
+addressed and checked chunk by chunk against the manifest, so a MAC would only hash them again.
+:class:`ClusterAuth` is an ``httpx.Auth`` that signs every outgoing request and checks every
+other response; a missing or wrong response MAC raises
 :class:`~crdtmerge.errors.Unauthorized`. It also drops httpx's default ``Accept``,
 ``Accept-Encoding``, ``Connection`` and ``User-Agent`` headers from replication requests: they
 mean nothing between nodes and would be a tenth of the idle traffic.
@@ -52,6 +55,7 @@ __all__ = [
     "ClusterAuth",
     "ClusterKey",
     "RequestVerifier",
+    "UNSIGNED_RESPONSE",
     "load_cluster_secret",
     "request_target",
 ]
@@ -71,6 +75,8 @@ MIN_SECRET_BYTES = 16
 MAX_RESPONSE_BYTES = 256 << 20
 #: request extension overriding that bound for one request (e.g. an exact chunk batch size)
 RESPONSE_LIMIT = "crdtmerge.max_response_bytes"
+#: request extension: the answer is not MAC-signed (chunk bytes; the caller verifies content)
+UNSIGNED_RESPONSE = "crdtmerge.unsigned_response"
 
 
 def load_cluster_secret(value: str | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -314,6 +320,8 @@ class ClusterAuth(httpx.Auth):
         response = yield request
         if not self.verify_responses or not 200 <= response.status_code < 300:
             return  # an error answer carries no state; forging one only denies service
+        if request.extensions.get(UNSIGNED_RESPONSE):
+            return  # content-addressed bytes, checked by the caller against their hashes
         got = response.headers.get(HEADER_SIGNATURE, "")
         expected = self.key.response_mac(nonce, response.status_code, response.content)
         if not hmac.compare_digest(expected.encode(), got.encode()):

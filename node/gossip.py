@@ -184,6 +184,7 @@ class Replication:
             rng=self.rng,
             max_object_bytes=settings.max_body_bytes,
             check_disk=runtime.check_disk,
+            direct=runtime.owns_http,
         )
         self.rounds = 0
         self.bytes_sent = 0

@@ -205,6 +205,12 @@ class NodeRuntime:
         log.info("node stopped", extra={"replica": self.replica_id})
 
     @property
+    def owns_http(self) -> bool:
+        """True when the node made its own outgoing client, i.e. it talks to real peers over
+        the network (tests inject an in-process client instead)."""
+        return self._owns_http
+
+    @property
     def http(self) -> httpx.AsyncClient:
         """The shared outgoing HTTP client (injected in tests; used by the gossip driver)."""
         assert self._http is not None

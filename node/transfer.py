@@ -31,14 +31,20 @@ fetches and returns at once (the gossip driver calls it after every join).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import inspect
 import logging
 import random
+import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import msgpack
@@ -56,7 +62,7 @@ from crdtmerge.errors import (
 from crdtmerge.identity import Manifest
 from crdtmerge.store import ObjectStore, PartialObject
 
-from .auth_cluster import RESPONSE_LIMIT
+from .auth_cluster import RESPONSE_LIMIT, UNSIGNED_RESPONSE, ClusterAuth
 
 __all__ = ["ChunkRef", "FetchStats", "ObjectFetcher", "PeerScores", "plan_batches"]
 
@@ -169,6 +175,75 @@ class _PeerFailed(Exception):
     """A transport error or a 5xx from one peer (not its fault necessarily: back off)."""
 
 
+class _BadBytes(Exception):
+    """A peer's answer failed a content check (length, encoding, a chunk's leaf)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class _Connections:
+    """Keep-alive ``http.client`` connections to peers, for the fetch threads.
+
+    :meth:`close` shuts every socket down, so a thread blocked on a silent peer returns at once
+    (with an error) instead of after the request timeout.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._idle: dict[str, list[http.client.HTTPConnection]] = {}
+        self._busy: set[http.client.HTTPConnection] = set()
+        self._closed = False
+
+    def take(self, peer: str) -> http.client.HTTPConnection:
+        with self._lock:
+            if self._closed:
+                raise _PeerFailed("the fetcher is closing")
+            idle = self._idle.get(peer)
+            conn = idle.pop() if idle else None
+            if conn is None:
+                url = urlsplit(peer)
+                cls = (
+                    http.client.HTTPSConnection
+                    if url.scheme == "https"
+                    else http.client.HTTPConnection
+                )
+                conn = cls(url.hostname or "", url.port, timeout=self.timeout)
+            self._busy.add(conn)
+            return conn
+
+    def give(self, peer: str, conn: http.client.HTTPConnection, keep: bool) -> None:
+        with self._lock:
+            self._busy.discard(conn)
+            if keep and not self._closed:
+                self._idle.setdefault(peer, []).append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = [*self._busy, *(c for idle in self._idle.values() for c in idle)]
+            self._idle.clear()
+        for conn in conns:
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
+def _read_exact(resp: http.client.HTTPResponse, view: memoryview) -> None:
+    """Fill ``view`` from the answer body; a shorter body is a transport failure."""
+    pos = 0
+    while pos < len(view):
+        got = resp.readinto(view[pos:])
+        if not got:
+            raise _PeerFailed(f"answer ended after {pos} of {len(view)} bytes")
+        pos += got
+
+
 #: peers chunks of one object are fetched from (at most)
 MAX_SOURCES = 3
 #: consecutive failed requests after which a peer is not asked again during one fetch
@@ -190,6 +265,11 @@ class ObjectFetcher:
         concurrency: batches in flight per object.
         batch_bytes: target bytes per chunk-batch request.
         timeout: seconds per request.
+        direct: fetch chunks from ``http(s)://`` peers over plain keep-alive sockets in
+            ``concurrency`` threads, each chunk read straight into a reused buffer, verified and
+            written, instead of through ``http`` (which the manifest and in-process transports
+            keep using). A node talking to real peers sets it: the ``httpx`` path tops out
+            well below the disk.
         manifest_timeout: seconds to wait for one peer's manifest before trying the next.
     """
 
@@ -201,8 +281,8 @@ class ObjectFetcher:
         *,
         auth: httpx.Auth | None = None,
         on_complete: Callable[[bytes], Any] | None = None,
-        concurrency: int = 8,
-        batch_bytes: int = 4 << 20,
+        concurrency: int = 4,
+        batch_bytes: int = 32 << 20,
         timeout: float = 30.0,
         manifest_timeout: float = MANIFEST_TIMEOUT_S,
         scores: PeerScores | None = None,
@@ -210,8 +290,13 @@ class ObjectFetcher:
         rng: random.Random | None = None,
         max_object_bytes: int | None = None,
         check_disk: Callable[[int], None] | None = None,
+        direct: bool = False,
     ) -> None:
         self.store = store
+        self.direct = direct
+        self._connections = _Connections(timeout)
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
         self.max_object_bytes = max_object_bytes  # bigger manifests are refused (TooLarge)
         self.check_disk = check_disk  # raises StorageError when the object would not fit
         self.http = http
@@ -268,7 +353,10 @@ class ObjectFetcher:
         tasks = list(self._inflight.values())
         for t in tasks:
             t.cancel()
+        self._connections.close()  # fetch threads blocked on a socket return now
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the algorithm ----------------------------------------------------------------------
 
@@ -415,64 +503,158 @@ class ObjectFetcher:
         usable: list[str],
     ) -> int:
         """Fetch one batch from ``peer``; return how many of its leading chunks were written."""
-        manifest = partial.manifest
-        root = manifest.root
+        sizes = [partial.manifest.chunk_span(*ref)[1] for ref in batch]
+        written: list[ChunkRef] = []
+        try:
+            if self._direct_to(peer):
+                loop = asyncio.get_running_loop()
+                status = await loop.run_in_executor(
+                    self._executor(), self._receive_direct, partial, peer, batch, sizes, written
+                )
+            else:
+                status = await self._receive_httpx(partial, peer, batch, sizes, written)
+        except _BadBytes as exc:
+            self._drop(peer, usable, exc.detail)
+            status = 0
+        except _PeerFailed as exc:
+            self.scores.failed(peer, self.clock())
+            log.debug("chunks from %s: %s", peer, exc)
+            raise
+        finally:
+            self.stats.chunks += len(written)
+            self.stats.bytes += sum(sizes[: len(written)])
+        if status == 200:
+            self.scores.ok(peer)
+        elif status == 404:  # the peer does not hold it
+            if peer in usable:
+                usable.remove(peer)
+        elif status == 429:  # the peer is busy serving: back off, no strike
+            self.scores.failed(peer, self.clock())
+        elif status:
+            self.scores.failed(peer, self.clock())
+            raise _PeerFailed(f"HTTP {status}")
+        return len(written)
+
+    def _direct_to(self, peer: str) -> bool:
+        return self.direct and peer.startswith(("http://", "https://"))
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="crdtmerge-fetch")
+        return self._pool
+
+    def _buffer(self, n: int) -> memoryview:
+        """This thread's receive buffer, at least ``n`` bytes (reused across batches)."""
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.buf = bytearray(n)
+        return memoryview(buf)
+
+    def _receive_direct(
+        self,
+        partial: PartialObject,
+        peer: str,
+        batch: list[ChunkRef],
+        sizes: list[int],
+        written: list[ChunkRef],
+    ) -> int:
+        """The batch over a plain keep-alive socket (blocking; runs in a fetch thread): each
+        chunk is read into this thread's buffer, verified and written, then the batch is made
+        durable with one ``fdatasync``. Returns the HTTP status."""
+        root = partial.manifest.root
         body = msgpack.packb({"v": CHUNKS_VERSION, "chunks": [list(c) for c in batch]})
-        url = f"{peer}/v1/replication/objects/{root.hex()}/chunks"
-        sizes = [manifest.chunk_span(*ref)[1] for ref in batch]
+        target = f"{urlsplit(peer).path.rstrip('/')}/v1/replication/objects/{root.hex()}/chunks"
+        headers = {"content-type": "application/msgpack"}
+        if isinstance(self.auth, ClusterAuth):
+            headers.update(self.auth.key.sign_request("POST", target, body, self.auth.node))
+        conn = self._connections.take(peer)
+        keep = False
+        try:
+            try:
+                conn.request("POST", target, body=body, headers=headers)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                raise _PeerFailed(f"chunks of {root.hex()[:12]}: {exc!r}") from exc
+            if resp.status != 200:
+                return resp.status
+            encoding = (resp.getheader("content-encoding") or "identity").lower()
+            if encoding != "identity":
+                raise _BadBytes(f"chunk answer with content-encoding {encoding}")
+            declared, expected = resp.getheader("content-length"), sum(sizes)
+            if declared != str(expected):
+                raise _BadBytes(f"batch of {declared or 'unknown'} bytes, expected {expected}")
+            buf = self._buffer(max(sizes))
+            try:
+                for ref, n in zip(batch, sizes, strict=True):
+                    view = buf[:n]
+                    try:
+                        _read_exact(resp, view)
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise _PeerFailed(f"chunks of {root.hex()[:12]}: {exc!r}") from exc
+                    self._write(partial, ref, view)
+                    written.append(ref)
+                keep = True
+            finally:
+                partial.commit(written)
+            return 200
+        finally:
+            self._connections.give(peer, conn, keep)
+
+    async def _receive_httpx(
+        self,
+        partial: PartialObject,
+        peer: str,
+        batch: list[ChunkRef],
+        sizes: list[int],
+        written: list[ChunkRef],
+    ) -> int:
+        """The batch through the shared ``httpx`` client (in-process transports, tests)."""
+        root = partial.manifest.root
+        body = msgpack.packb({"v": CHUNKS_VERSION, "chunks": [list(c) for c in batch]})
         try:
             resp = await self.http.post(
-                url,
+                f"{peer}/v1/replication/objects/{root.hex()}/chunks",
                 content=body,
                 auth=self.auth,
                 timeout=self.timeout,
                 headers={"content-type": "application/msgpack"},
-                extensions={RESPONSE_LIMIT: sum(sizes)},  # more is wrong: never read it
+                # more than the batch is wrong: never read it
+                extensions={RESPONSE_LIMIT: sum(sizes), UNSIGNED_RESPONSE: True},
             )
-        except (TooLarge, RemoteProtocolError) as exc:
-            self._drop(peer, usable, exc.detail)
-            return 0
-        except Unauthorized as exc:
-            # the answer failed its cluster MAC: altered on the way, or not from a member
-            self._drop(peer, usable, exc.detail)
-            return 0
+        except (TooLarge, RemoteProtocolError, Unauthorized) as exc:
+            raise _BadBytes(exc.detail) from exc
         except httpx.HTTPError as exc:
-            self.scores.failed(peer, self.clock())
-            log.debug("chunks of %s from %s: %s", root.hex()[:12], peer, exc)
-            raise _PeerFailed(str(exc)) from exc
-        if resp.status_code == 404:
-            if peer in usable:
-                usable.remove(peer)
-            return 0
-        if resp.status_code == 429:  # the peer is busy serving: back off, no strike
-            self.scores.failed(peer, self.clock())
-            return 0
+            raise _PeerFailed(f"chunks of {root.hex()[:12]}: {exc!r}") from exc
         if resp.status_code != 200:
-            self.scores.failed(peer, self.clock())
-            raise _PeerFailed(f"HTTP {resp.status_code}")
+            return resp.status_code
         data = resp.content
         if len(data) != sum(sizes):
-            self._drop(peer, usable, f"batch of {len(data)} bytes, expected {sum(sizes)}")
-            return 0
-        written = 0
-        pos = 0
-        view = memoryview(data)
-        for ref, n in zip(batch, sizes, strict=True):
+            raise _BadBytes(f"batch of {len(data)} bytes, expected {sum(sizes)}")
+
+        def store() -> None:
+            pos = 0
+            view = memoryview(data)
             try:
-                # no lock: chunks and bitmap bytes live at distinct offsets (pwrite), so
-                # batches verify, write and fsync in parallel threads
-                await asyncio.to_thread(partial.write_chunk, ref[0], ref[1], view[pos : pos + n])
-            except IntegrityError as exc:
-                self._drop(peer, usable, exc.detail)
-                return written
-            except NotFound as exc:
-                raise RemoteProtocolError(f"chunk plan does not match manifest: {exc}") from exc
-            pos += n
-            written += 1
-            self.stats.chunks += 1
-            self.stats.bytes += n
-        self.scores.ok(peer)
-        return written
+                for ref, n in zip(batch, sizes, strict=True):
+                    self._write(partial, ref, view[pos : pos + n])
+                    written.append(ref)
+                    pos += n
+            finally:
+                partial.commit(written)
+
+        await asyncio.to_thread(store)
+        return 200
+
+    @staticmethod
+    def _write(partial: PartialObject, ref: ChunkRef, data: memoryview) -> None:
+        """Verify and write one chunk (not yet durable: the batch commits together). No lock:
+        chunks and bitmap bytes live at distinct offsets (pwrite), so batches run in parallel."""
+        try:
+            partial.write_chunk(ref[0], ref[1], data, durable=False)
+        except IntegrityError as exc:
+            raise _BadBytes(exc.detail) from exc
+        except NotFound as exc:
+            raise RemoteProtocolError(f"chunk plan does not match manifest: {exc}") from exc
 
     def _drop(self, peer: str, usable: list[str], what: str) -> None:
         self._bad(peer, what)

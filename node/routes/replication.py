@@ -3,8 +3,8 @@
 Every route depends on :func:`cluster_peer`, which verifies the request's HMAC signature made
 with the cluster secret (:mod:`node.auth_cluster`): an unsigned, wrongly signed, stale or
 replayed request gets 401 before any handler runs, and a node without a cluster secret refuses
-all of them. Every successful answer is signed back (:func:`signed`), bound to the request's
-nonce, so the caller knows it came from a cluster member.
+all of them. Every successful answer except chunk bytes is signed back (:func:`signed`), bound to the
+request's nonce, so the caller knows it came from a cluster member.
 
 Anti-entropy (see :mod:`node.gossip`):
 
@@ -21,7 +21,8 @@ Objects (see :mod:`node.transfer`):
 - ``GET /objects/{root}/manifest``: the manifest of a complete object (404 otherwise);
 - ``POST /objects/{root}/chunks``: body ``{"v": 1, "chunks": [[tensor, index], ...]}``; the
   answer is the chunks' bytes concatenated in the order asked (their lengths follow from the
-  manifest), at most :data:`MAX_BATCH_BYTES` per request.
+  manifest), at most :data:`MAX_BATCH_BYTES` per request, streamed. It is the one successful
+  answer that is not MAC-signed: every chunk is checked against the manifest's leaf instead.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import msgpack
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 
 from crdtmerge.errors import (
     NotFound,
@@ -53,6 +56,8 @@ __all__ = ["MAX_BATCH_BYTES", "cluster_peer", "router", "signed"]
 MSGPACK = "application/msgpack"
 #: largest chunk batch served in one answer
 MAX_BATCH_BYTES = 64 << 20
+#: bytes read from disk and handed to the server per step of a chunk answer
+PIECE_BYTES = 1 << 20
 #: largest replication request body accepted
 MAX_REQUEST_BYTES = 256 << 20
 
@@ -174,36 +179,72 @@ def _parse_chunk_request(body: bytes) -> list[tuple[str, int]]:
     return out
 
 
+class ChunkReader:
+    """The bytes of chunks of a complete object, in the order asked, read in pieces.
+
+    Opening checks the batch against the manifest and the size bound and opens the file, so
+    errors become proper answers before any byte is sent; iterating ``pread``s at most
+    :data:`PIECE_BYTES` at a time (the answer streams, nothing is assembled in memory).
+    """
+
+    def __init__(self, store: ObjectStore, root: bytes, refs: list[tuple[str, int]]) -> None:
+        manifest = store.manifest(root)
+        _, offsets = canonical_layout(manifest)
+        self.spans = []
+        for name, index in refs:
+            start, n = manifest.chunk_span(name, index)
+            self.spans.append((offsets[name] + start, n))
+        self.total = sum(n for _, n in self.spans)
+        if self.total > MAX_BATCH_BYTES:
+            raise TooLarge(
+                f"chunk batch of {self.total} bytes exceeds {MAX_BATCH_BYTES}; ask for fewer"
+            )
+        self.root = root
+        self._fd: int | None = os.open(store.path(root), os.O_RDONLY)
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for pos, n in self.spans:
+                end = pos + n
+                while pos < end:
+                    piece = os.pread(self._fd, min(PIECE_BYTES, end - pos), pos)
+                    if not piece:
+                        raise StorageError(
+                            f"object {self.root.hex()[:12]} is shorter than its manifest"
+                        )
+                    pos += len(piece)
+                    yield piece
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:  # an abandoned answer (client gone) must not leak the fd
+        self.close()
+
+
 def read_chunks(store: ObjectStore, root: bytes, refs: list[tuple[str, int]]) -> bytes:
     """The bytes of ``refs`` of a complete object, concatenated (blocking)."""
-    manifest = store.manifest(root)
-    _, offsets = canonical_layout(manifest)
-    spans = [manifest.chunk_span(name, index) for name, index in refs]
-    total = sum(n for _, n in spans)
-    if total > MAX_BATCH_BYTES:
-        raise TooLarge(f"chunk batch of {total} bytes exceeds {MAX_BATCH_BYTES}; ask for fewer")
-    out = bytearray(total)
-    view = memoryview(out)
-    pos = 0
-    fd = os.open(store.path(root), os.O_RDONLY)
-    try:
-        for (name, _), (start, n) in zip(refs, spans, strict=True):
-            got = os.preadv(fd, [view[pos : pos + n]], offsets[name] + start)
-            if got != n:
-                raise StorageError(f"object {root.hex()[:12]} is shorter than its manifest")
-            pos += n
-    finally:
-        os.close(fd)
-    return bytes(out)
+    return b"".join(ChunkReader(store, root, refs))
 
 
 @router.post("/objects/{root}/chunks")
 async def chunks(root: str, request: Request, peer: ClusterPeer) -> Response:
+    """Chunk bytes, streamed and not MAC-signed: the receiver checks every chunk against its
+    leaf in the manifest of the root it asked for, which a MAC could only repeat (at the cost
+    of hashing the whole answer twice more, before the first byte could leave)."""
     store: ObjectStore = request.app.state.runtime.store
     r = parse_root_hex(root)
     refs = _parse_chunk_request(request.state.body)
     if not store.has(r):
         raise NotFound(f"object {root} is not complete on this node")
-    data = await asyncio.to_thread(read_chunks, store, r, refs)
-    request.app.state.runtime.metrics.download_bytes_total.inc(len(data))
-    return signed(request, data, media_type="application/octet-stream")
+    reader = await asyncio.to_thread(ChunkReader, store, r, refs)
+    request.app.state.runtime.metrics.download_bytes_total.inc(reader.total)
+    return StreamingResponse(
+        reader,
+        media_type="application/octet-stream",
+        headers={"content-length": str(reader.total)},
+    )

@@ -154,17 +154,21 @@ def test_removal_observed_everywhere_converges_to_empty(tmp_path):
 
 
 def test_corrupting_peer_is_penalised_and_the_object_comes_from_another(tmp_path, monkeypatch):
-    """n1 is a cluster member that serves flipped bytes (its answers are validly signed, so
-    only the chunk hashes can catch it)."""
-    real = replication_routes.read_chunks
+    """n1 is a cluster member that serves flipped bytes (its requests are validly signed, and
+    chunk answers carry no MAC by design, so only the chunk hashes can catch it)."""
 
-    def evil(store, root, refs):
-        data = bytearray(real(store, root, refs))
-        if store.dir.parent.name == "n1":
-            data[len(data) // 2] ^= 0x01
-        return bytes(data)
+    class Evil(replication_routes.ChunkReader):
+        def __init__(self, store, root, refs):
+            super().__init__(store, root, refs)
+            self.lies = store.dir.parent.name == "n1"
 
-    monkeypatch.setattr(replication_routes, "read_chunks", evil)
+        def __iter__(self):
+            data = bytearray(b"".join(super().__iter__()))
+            if self.lies:
+                data[len(data) // 2] ^= 0x01
+            yield bytes(data)
+
+    monkeypatch.setattr(replication_routes, "ChunkReader", Evil)
 
     async def scenario():
         async with Simulation(tmp_path, 3) as sim:

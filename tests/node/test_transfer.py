@@ -69,6 +69,7 @@ def source(tmp_path):
 
 def _fetcher(dest: ObjectStore, net: Peers, hosts: list[str], **kw) -> ObjectFetcher:
     client = httpx.AsyncClient(transport=httpx.MockTransport(net.handler))
+    kw.setdefault("batch_bytes", 4 << 20)  # the 5 MiB object travels in several batches
     return ObjectFetcher(dest, client, lambda: [f"http://{h}" for h in hosts], **kw)
 
 
