@@ -37,6 +37,7 @@ This module is blocking; servers call it from worker threads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import struct
@@ -459,6 +460,7 @@ class PartialObject:
             with open(self._data, "wb") as f:
                 f.write(self._prefix)
                 f.truncate(total)
+                _preallocate(f.fileno(), total)
                 os.fsync(f.fileno())
             _write_atomic(self._have_path, bytes(len(self._chunks)))
             _write_atomic(d / f"{h}.manifest", manifest.to_bytes())
@@ -547,6 +549,23 @@ class PartialObject:
         h = self.root.hex()
         for suffix in (".manifest", ".have", ".part"):
             (self.store.partial_dir / f"{h}{suffix}").unlink(missing_ok=True)
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the blocks of a file about to be filled out of order: a full disk shows up now
+    rather than mid-transfer, and the writes that follow allocate nothing (writes into a sparse
+    file were measured at a third of the page-cache speed here). Best effort: a filesystem
+    without ``fallocate`` keeps the sparse file."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StorageError(
+                f"no space for a {size}-byte object on this node's disk",
+                code="insufficient_storage",
+            ) from exc
 
 
 def _read_chunks(f: IO[bytes]) -> Iterator[bytes]:

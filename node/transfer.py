@@ -23,7 +23,9 @@ Objects move separately from the CRDT index (DESIGN §6). When a node learns of 
    into place; only then does ``store.has(root)`` become true (so the node advertises and merges
    only complete objects), and ``on_complete(root)`` is called.
 
-Nothing unverified ever reaches the store, and a ``kill -9`` loses at most the chunks in flight.
+Nothing unverified ever reaches the store. Verified chunks are committed (data ``fdatasync``,
+then their bitmap bytes, fsynced) every :data:`COMMIT_BYTES` and when the fetch ends, so a crash
+refetches at most that much.
 Fetches of the same root are deduplicated; :meth:`ObjectFetcher.ensure` starts background
 fetches and returns at once (the gossip driver calls it after every join).
 """
@@ -186,23 +188,36 @@ class _BadBytes(Exception):
 class _Connections:
     """Keep-alive ``http.client`` connections to peers, for the fetch threads.
 
-    :meth:`close` shuts every socket down, so a thread blocked on a silent peer returns at once
-    (with an error) instead of after the request timeout.
+    An idle connection is reused for :data:`IDLE_REUSE_S` at most: servers close idle
+    keep-alive connections (uvicorn after 5 s), and a request on a connection the peer already
+    closed fails for no fault of the peer. :meth:`close` shuts every socket down, so a thread
+    blocked on a silent peer returns at once (with an error) instead of after the request
+    timeout.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout = timeout
+        self.clock = clock
         self._lock = threading.Lock()
-        self._idle: dict[str, list[http.client.HTTPConnection]] = {}
+        self._idle: dict[str, list[tuple[http.client.HTTPConnection, float]]] = {}
         self._busy: set[http.client.HTTPConnection] = set()
         self._closed = False
 
-    def take(self, peer: str) -> http.client.HTTPConnection:
+    def take(self, peer: str, *, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection to ``peer`` (a new one with ``fresh``) and whether it is reused."""
+        stale = []
         with self._lock:
             if self._closed:
                 raise _PeerFailed("the fetcher is closing")
-            idle = self._idle.get(peer)
-            conn = idle.pop() if idle else None
+            idle = [] if fresh else self._idle.get(peer, [])
+            conn = None
+            while idle and conn is None:
+                candidate, since = idle.pop()
+                if self.clock() - since <= IDLE_REUSE_S:
+                    conn = candidate
+                else:
+                    stale.append(candidate)
+            reused = conn is not None
             if conn is None:
                 url = urlsplit(peer)
                 cls = (
@@ -212,20 +227,22 @@ class _Connections:
                 )
                 conn = cls(url.hostname or "", url.port, timeout=self.timeout)
             self._busy.add(conn)
-            return conn
+        for old in stale:
+            old.close()
+        return conn, reused
 
     def give(self, peer: str, conn: http.client.HTTPConnection, keep: bool) -> None:
         with self._lock:
             self._busy.discard(conn)
             if keep and not self._closed:
-                self._idle.setdefault(peer, []).append(conn)
+                self._idle.setdefault(peer, []).append((conn, self.clock()))
                 return
         conn.close()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            conns = [*self._busy, *(c for idle in self._idle.values() for c in idle)]
+            conns = [*self._busy, *(c for idle in self._idle.values() for c, _ in idle)]
             self._idle.clear()
         for conn in conns:
             if conn.sock is not None:
@@ -251,6 +268,11 @@ MAX_STRIKES = 3
 #: seconds to wait for one peer's manifest before asking the next (manifests are small and
 #: served from disk; a black-holed peer must not hold a fetch for the whole request timeout)
 MANIFEST_TIMEOUT_S = 5.0
+#: verified bytes written between two commits (one ``fdatasync`` + bitmap fsync) of a partial
+#: object: a crash refetches at most this much, and an object of this size pays one flush
+COMMIT_BYTES = 256 << 20
+#: seconds an idle keep-alive connection to a peer is reused (below uvicorn's 5 s)
+IDLE_REUSE_S = 2.0
 
 
 class ObjectFetcher:
@@ -460,6 +482,8 @@ class ObjectFetcher:
         attempts = 0
         inflight: dict[asyncio.Task[int], tuple[str, list[ChunkRef]]] = {}
         strikes: dict[str, int] = {}
+        written_refs: list[ChunkRef] = []  # verified and written, not yet committed
+        written_bytes = 0
         try:
             while pending or inflight:
                 backoff = self.scores.ready_in(usable, self.clock())
@@ -487,6 +511,11 @@ class ObjectFetcher:
                         strikes[peer] = strikes.get(peer, 0) + 1
                         if strikes[peer] >= MAX_STRIKES and peer in usable:
                             usable.remove(peer)
+                    written_refs += batch[:written]
+                    written_bytes += sum(manifest.chunk_span(*ref)[1] for ref in batch[:written])
+                    if written_bytes >= COMMIT_BYTES:
+                        await asyncio.to_thread(partial.commit, written_refs)
+                        written_refs, written_bytes = [], 0
                     left = batch[written:]
                     if left:
                         pending.append(left)
@@ -494,6 +523,8 @@ class ObjectFetcher:
             for task in inflight:
                 task.cancel()
             await asyncio.gather(*inflight, return_exceptions=True)
+            # what was verified is kept (a later fetch resumes after it), even on failure
+            await asyncio.to_thread(partial.commit, written_refs)
 
     async def _batch(
         self,
@@ -564,17 +595,9 @@ class ObjectFetcher:
         root = partial.manifest.root
         body = msgpack.packb({"v": CHUNKS_VERSION, "chunks": [list(c) for c in batch]})
         target = f"{urlsplit(peer).path.rstrip('/')}/v1/replication/objects/{root.hex()}/chunks"
-        headers = {"content-type": "application/msgpack"}
-        if isinstance(self.auth, ClusterAuth):
-            headers.update(self.auth.key.sign_request("POST", target, body, self.auth.node))
-        conn = self._connections.take(peer)
+        conn, resp = self._post(peer, target, body)
         keep = False
         try:
-            try:
-                conn.request("POST", target, body=body, headers=headers)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                raise _PeerFailed(f"chunks of {root.hex()[:12]}: {exc!r}") from exc
             if resp.status != 200:
                 return resp.status
             encoding = (resp.getheader("content-encoding") or "identity").lower()
@@ -584,21 +607,38 @@ class ObjectFetcher:
             if declared != str(expected):
                 raise _BadBytes(f"batch of {declared or 'unknown'} bytes, expected {expected}")
             buf = self._buffer(max(sizes))
-            try:
-                for ref, n in zip(batch, sizes, strict=True):
-                    view = buf[:n]
-                    try:
-                        _read_exact(resp, view)
-                    except (OSError, http.client.HTTPException) as exc:
-                        raise _PeerFailed(f"chunks of {root.hex()[:12]}: {exc!r}") from exc
-                    self._write(partial, ref, view)
-                    written.append(ref)
-                keep = True
-            finally:
-                partial.commit(written)
+            for ref, n in zip(batch, sizes, strict=True):
+                view = buf[:n]
+                try:
+                    _read_exact(resp, view)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _PeerFailed(f"chunks of {root.hex()[:12]}: {exc!r}") from exc
+                self._write(partial, ref, view)
+                written.append(ref)
+            keep = True
             return 200
         finally:
             self._connections.give(peer, conn, keep)
+
+    def _post(
+        self, peer: str, target: str, body: bytes
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send the signed request; a reused connection that fails before the answer starts
+        (the peer closed it while idle) is replaced by a new one, once (signed afresh: the
+        peer would refuse a repeated nonce)."""
+        for fresh in (False, True):
+            headers = {"content-type": "application/msgpack"}
+            if isinstance(self.auth, ClusterAuth):
+                headers.update(self.auth.key.sign_request("POST", target, body, self.auth.node))
+            conn, reused = self._connections.take(peer, fresh=fresh)
+            try:
+                conn.request("POST", target, body=body, headers=headers)
+                return conn, conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                self._connections.give(peer, conn, keep=False)
+                if not reused:
+                    raise _PeerFailed(f"{target}: {exc!r}") from exc
+        raise AssertionError("unreachable: a fresh connection is never reused")
 
     async def _receive_httpx(
         self,
@@ -634,13 +674,10 @@ class ObjectFetcher:
         def store() -> None:
             pos = 0
             view = memoryview(data)
-            try:
-                for ref, n in zip(batch, sizes, strict=True):
-                    self._write(partial, ref, view[pos : pos + n])
-                    written.append(ref)
-                    pos += n
-            finally:
-                partial.commit(written)
+            for ref, n in zip(batch, sizes, strict=True):
+                self._write(partial, ref, view[pos : pos + n])
+                written.append(ref)
+                pos += n
 
         await asyncio.to_thread(store)
         return 200

@@ -92,6 +92,9 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.write(bytes(1 << 16))
             except OSError:
                 self.close_connection = True
+        elif how == "drops-idle":  # closes after each answer without saying so (idle timeout)
+            self._answer(data)
+            self.close_connection = True
         elif how == "silent":
             self.server.release.wait(30)
             self.close_connection = True
@@ -171,6 +174,19 @@ def test_honest_peer_over_sockets(source, peers, tmp_path):
     assert hash_file(dest.path(root)) == root
     assert good.chunk_requests == 3  # 4 MiB + 4 MiB + tail (and one connection reused)
     assert fetcher.stats.bad_peers == {} and dest.partials() == []
+
+
+def test_a_keep_alive_connection_the_peer_closed_is_replaced_without_blame(source, peers, tmp_path):
+    _, root = source
+    peer = peers("drops-idle")
+    dest = ObjectStore.at(tmp_path / "dest")
+    fetcher = _fetcher(dest, [peer.url])
+    failures: list[str] = []
+    fetcher.scores.failed = lambda p, now: failures.append(p)  # type: ignore[method-assign]
+    assert _fetch(fetcher, root, attempts=1)
+    assert hash_file(dest.path(root)) == root
+    assert peer.chunk_requests == 3
+    assert failures == []  # no request failed: the peer was never backed off
 
 
 @pytest.mark.parametrize(
