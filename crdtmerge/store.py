@@ -37,10 +37,12 @@ This module is blocking; servers call it from worker threads.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
 import struct
+import sys
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -499,9 +501,11 @@ class PartialObject:
             raise NotFound(f"object {self.root.hex()[:16]} has no chunk {index} of {tensor_name!r}")
         verify_chunk(self.manifest, tensor_name, index, data)
         start, _ = self.manifest.chunk_span(tensor_name, index)
+        pos = self._offsets[tensor_name] + start
         fd = os.open(self._data, os.O_WRONLY)
         try:
-            os.pwrite(fd, data, self._offsets[tensor_name] + start)
+            os.pwrite(fd, data, pos)
+            _start_writeback(fd, pos, len(data))
         finally:
             os.close(fd)
         if durable:
@@ -549,6 +553,30 @@ class PartialObject:
         h = self.root.hex()
         for suffix in (".manifest", ".have", ".part"):
             (self.store.partial_dir / f"{h}{suffix}").unlink(missing_ok=True)
+
+
+def _load_sync_file_range() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range() if sys.platform.startswith("linux") else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a range back now, without waiting (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``): the disk works while the next chunks arrive, and
+    the ``fdatasync`` of :meth:`PartialObject.commit` (which alone makes them durable) finds less
+    to do. A no-op elsewhere."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _preallocate(fd: int, size: int) -> None:

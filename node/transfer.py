@@ -251,6 +251,10 @@ class _Connections:
             conn.close()
 
 
+def _batch_request(batch: list[ChunkRef]) -> bytes:
+    return msgpack.packb({"v": CHUNKS_VERSION, "chunks": [list(c) for c in batch]})
+
+
 def _read_exact(resp: http.client.HTTPResponse, view: memoryview) -> None:
     """Fill ``view`` from the answer body; a shorter body is a transport failure."""
     pos = 0
@@ -590,10 +594,10 @@ class ObjectFetcher:
         written: list[ChunkRef],
     ) -> int:
         """The batch over a plain keep-alive socket (blocking; runs in a fetch thread): each
-        chunk is read into this thread's buffer, verified and written, then the batch is made
-        durable with one ``fdatasync``. Returns the HTTP status."""
+        chunk is read into this thread's buffer, verified and written (committed later, see
+        :data:`COMMIT_BYTES`). Returns the HTTP status."""
         root = partial.manifest.root
-        body = msgpack.packb({"v": CHUNKS_VERSION, "chunks": [list(c) for c in batch]})
+        body = _batch_request(batch)
         target = f"{urlsplit(peer).path.rstrip('/')}/v1/replication/objects/{root.hex()}/chunks"
         conn, resp = self._post(peer, target, body)
         keep = False
@@ -650,11 +654,10 @@ class ObjectFetcher:
     ) -> int:
         """The batch through the shared ``httpx`` client (in-process transports, tests)."""
         root = partial.manifest.root
-        body = msgpack.packb({"v": CHUNKS_VERSION, "chunks": [list(c) for c in batch]})
         try:
             resp = await self.http.post(
                 f"{peer}/v1/replication/objects/{root.hex()}/chunks",
-                content=body,
+                content=_batch_request(batch),
                 auth=self.auth,
                 timeout=self.timeout,
                 headers={"content-type": "application/msgpack"},
