@@ -17,10 +17,28 @@ thread count, unlike ``dot``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["acos", "cos", "dot64", "exp", "log", "norm64", "rowdot64", "scalar", "sin"]
+__all__ = [
+    "ROW",
+    "TILE",
+    "Tile",
+    "acos",
+    "cos",
+    "dot64",
+    "exp",
+    "lastdim_sum",
+    "log",
+    "norm64",
+    "rowdot64",
+    "rowgram64",
+    "scalar",
+    "sin",
+    "tiles2d",
+    "tiles_of",
+]
 
 _PI = math.pi
 _HALF_PI = math.pi / 2
@@ -147,6 +165,17 @@ _CHUNK = 1 << 22
 ROW = 4096
 _ROW = ROW  # below torch's GRAIN_SIZE (32768), so a row is always reduced serially
 
+#: elements per tile of :func:`rowgram64` and :func:`tiles2d`. A tile's float64 scratch (a few
+#: MiB) is allocated once and stays in the CPU cache, instead of fresh whole-tensor temporaries
+#: whose pages the kernel must fault in and zero (40% of model_stock's time before); each op
+#: on a tile is still large enough for torch to split it between threads cheaply. (Tiles
+#: below torch's GRAIN_SIZE, run on two Python threads, were slower: per-op overhead and GIL.)
+TILE = 1 << 17
+
+#: ``load(r0, r1, c0, c1)``: the operands' tiles ``op[r0:r1, c0:c1]`` (see :func:`rowgram64`).
+Loader = Callable[[int, int, int, int], Sequence[torch.Tensor]]
+Tile = tuple[int, int, int, int]
+
 
 def lastdim_sum(p: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``p.sum(dim=-1, dtype=dtype)`` in an order fixed by ``_ROW`` alone (any thread count).
@@ -166,20 +195,142 @@ def lastdim_sum(p: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Te
     return p.sum(dim=-1, dtype=dtype)
 
 
+def tiles2d(rows: int, width: int, size: int = TILE) -> list[Tile]:
+    """``(r0, r1, c0, c1)`` tiles of at most ``size`` elements covering a ``rows x width`` array.
+
+    Whole rows when a row is narrower than ``size``, else ``size``-wide pieces of one row: a
+    loop over the tiles touches each element once, with temporaries of bounded size.
+    """
+    if width >= size:
+        return [
+            (r, r + 1, c0, min(width, c0 + size))
+            for r in range(rows)
+            for c0 in range(0, width, size)
+        ]
+    step = max(1, size // max(width, 1))
+    return [(r0, min(rows, r0 + step), 0, width) for r0 in range(0, rows, step)]
+
+
+class _Scratch:
+    """float64 buffers for the tiles of one :func:`rowgram64` call, reused by every tile."""
+
+    def __init__(self, n_ops: int, size: int) -> None:
+        self.ops = torch.empty(n_ops * size, dtype=torch.float64)
+        self.prod = torch.empty(size, dtype=torch.float64)
+
+    def reduce(
+        self,
+        ops: Sequence[torch.Tensor],
+        pairs: Sequence[tuple[int, int]],
+        groups: int,
+        out: torch.Tensor,
+    ) -> None:
+        """``out[p] = sums of `groups` equal runs of each row of op_i * op_j`` (float64).
+
+        Each operand is converted to float64 once however many pairs use it (float32 products
+        are exact in float64); ``out`` is a ``(len(pairs), rows, groups)`` view of the results.
+        """
+        r, c = ops[0].shape
+        buf = self.ops[: len(ops) * r * c].view(len(ops), r, c)
+        for i, op in enumerate(ops):
+            buf[i].copy_(op)
+        prod = self.prod[: r * c].view(r, c)
+        for p, (i, j) in enumerate(pairs):
+            torch.mul(buf[i], buf[j], out=prod)
+            torch.sum(prod.view(r, groups, c // groups), dim=-1, out=out[p])
+
+
+def _gram_tiles(rows: int, width: int) -> list[Tile]:
+    """Tiles for :func:`_narrow_gram`: whole ``_ROW`` groups of a row, then the rows' tails."""
+    full, tail = divmod(width, _ROW)
+    tiles = []
+    if full:
+        cols = min(full, max(1, TILE // _ROW)) * _ROW
+        step = max(1, TILE // cols)
+        tiles += [
+            (r0, min(rows, r0 + step), c0, min(full * _ROW, c0 + cols))
+            for r0 in range(0, rows, step)
+            for c0 in range(0, full * _ROW, cols)
+        ]
+    if tail:
+        step = max(1, TILE // tail)
+        tiles += [(r0, min(rows, r0 + step), full * _ROW, width) for r0 in range(0, rows, step)]
+    return tiles
+
+
+def _narrow_gram(
+    load: Loader, n_ops: int, pairs: Sequence[tuple[int, int]], rows: int, width: int
+) -> torch.Tensor:
+    """:func:`rowgram64` for ``width <= _CHUNK``: ``lastdim_sum`` of each row's products.
+
+    The first level of :func:`lastdim_sum` (sums of ``_ROW`` consecutive products, and of the
+    tail of a row that does not fill a ``_ROW``) is computed tile by tile into a small
+    ``(pairs, rows, groups)`` tensor; the rest of the reduction runs on that, as it would on
+    the whole products.
+    """
+    full, tail = divmod(width, _ROW)
+    groups = full + (1 if tail else 0)
+    level1 = torch.empty(len(pairs), rows, groups, dtype=torch.float64)
+    tiles = _gram_tiles(rows, width)
+    scratch = _Scratch(n_ops, max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tiles))
+    for r0, r1, c0, c1 in tiles:
+        g0 = c0 // _ROW
+        g1 = g0 + 1 if c1 - c0 < _ROW else c1 // _ROW  # the tail is one group
+        scratch.reduce(load(r0, r1, c0, c1), pairs, g1 - g0, level1[:, r0:r1, g0:g1])
+    if groups == 1:  # a row of at most _ROW elements: its one sum is the result
+        return level1[..., 0]
+    return lastdim_sum(level1)
+
+
+def rowgram64(
+    load: Loader, n_ops: int, pairs: Sequence[tuple[int, int]], rows: int, width: int
+) -> torch.Tensor:
+    """Several row-wise dot products in one pass: ``out[p] == rowdot64(op_i, op_j)``, bit for bit.
+
+    ``load(r0, r1, c0, c1)`` returns the ``n_ops`` operands' tiles ``op[r0:r1, c0:c1]`` of the
+    ``rows x width`` operands (any float dtype; they may be computed on the fly, e.g. offsets
+    ``x - base``, so the whole operands never exist). Each tile is converted to float64 once
+    for all ``pairs`` and reduced in cache-sized pieces with the same fixed-order sums as
+    :func:`rowdot64` (``lastdim_sum`` per row; rows wider than ``_CHUNK`` as ``_CHUNK`` pieces
+    added with ``math.fsum``), so the values equal those of separate calls.
+
+    Returns:
+        a ``(len(pairs), rows)`` float64 tensor.
+    """
+    if rows == 0 or width == 0:
+        return torch.zeros(len(pairs), rows, dtype=torch.float64)
+    if width <= _CHUNK:
+        return _narrow_gram(load, n_ops, pairs, rows, width)
+    out = torch.empty(len(pairs), rows, dtype=torch.float64)
+    for r in range(rows):
+        parts: list[list[float]] = [[] for _ in pairs]
+        for s in range(0, width, _CHUNK):
+            piece = _narrow_gram(
+                lambda r0, r1, c0, c1, r=r, s=s: load(r + r0, r + r1, s + c0, s + c1),
+                n_ops,
+                pairs,
+                1,
+                min(_CHUNK, width - s),
+            )
+            for p, acc in enumerate(parts):
+                acc.append(float(piece[p, 0]))
+        out[:, r] = torch.tensor([math.fsum(acc) for acc in parts], dtype=torch.float64)
+    return out
+
+
+def tiles_of(*tensors: torch.Tensor) -> Loader:
+    """A :func:`rowgram64` loader over existing 2-D tensors (views, no copies)."""
+    return lambda r0, r1, c0, c1: [t[r0:r1, c0:c1] for t in tensors]
+
+
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``sum(a * b)`` over all elements in float64: fixed chunks, partial sums added exactly.
+    """``sum(a * b)`` over all elements in float64, as :func:`rowdot64` of one flat row.
 
     The chunking is a constant of this module (never the thread count), so the value is a pure
-    function of the inputs; ``math.fsum`` adds the per-chunk sums with a single rounding.
+    function of the inputs; pieces of more than ``_CHUNK`` elements are added with
+    ``math.fsum`` (a single rounding).
     """
-    fa = a.reshape(-1)
-    fb = b.reshape(-1)
-    parts = []
-    for i in range(0, fa.numel(), _CHUNK):
-        ca = fa[i : i + _CHUNK].to(torch.float64)
-        cb = fb[i : i + _CHUNK].to(torch.float64)
-        parts.append(float(lastdim_sum(ca * cb).item()))
-    return math.fsum(parts)
+    return scalar(rowdot64(a.reshape(-1), b.reshape(-1)))
 
 
 def norm64(a: torch.Tensor) -> float:
@@ -188,17 +339,46 @@ def norm64(a: torch.Tensor) -> float:
 
 
 def rowdot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum(a * b, dim=-1)`` in float64 (one value per row), in chunks of whole rows."""
+    """``sum(a * b, dim=-1)`` in float64 (one value per row): :func:`rowgram64` of one pair."""
     width = max(int(a.shape[-1]), 1) if a.dim() else 1
     a2 = a.reshape(-1, width)
     b2 = b.reshape(-1, width)
-    if width > _CHUNK:  # a few very wide rows: chunked per row, never a whole float64 copy
-        out = torch.tensor([dot64(a2[r], b2[r]) for r in range(a2.shape[0])], dtype=torch.float64)
-        return out.reshape(a.shape[:-1]) if a.dim() else out.reshape(())
+    if not (a2.is_contiguous() and b2.is_contiguous()):
+        out = _strided_rowdot64(a2, b2)
+    elif a is b:
+        out = rowgram64(tiles_of(a2), 1, [(0, 0)], a2.shape[0], width)[0]
+    else:
+        out = rowgram64(tiles_of(a2, b2), 2, [(0, 1)], a2.shape[0], width)[0]
+    return out.reshape(a.shape[:-1]) if a.dim() else out.reshape(())
+
+
+def _strided_rowdot64(a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """:func:`rowdot64` of non-contiguous rows (nuslerp ``row_wise`` walks matrix columns).
+
+    ``.to(float64)`` keeps a dense tensor's strides, so these products are reduced along the
+    strided dimension, in a different (equally fixed) order than contiguous rows. Merges
+    already made this way must keep their bits, so this path stays as it was.
+    """
+    width = a2.shape[1]
+    if width > _CHUNK:
+        return torch.tensor(
+            [_strided_dot64(a2[r], b2[r]) for r in range(a2.shape[0])], dtype=torch.float64
+        )
     rows = max(1, _CHUNK // width)
     parts = [
         lastdim_sum(a2[i : i + rows].to(torch.float64) * b2[i : i + rows].to(torch.float64))
         for i in range(0, a2.shape[0], rows)
     ]
-    out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    return out.reshape(a.shape[:-1]) if a.dim() else out.reshape(())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _strided_dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """One wide strided row of :func:`_strided_rowdot64`: ``_CHUNK`` pieces, ``math.fsum``."""
+    fa = a.reshape(-1)
+    fb = b.reshape(-1)
+    parts = []
+    for i in range(0, fa.numel(), _CHUNK):
+        ca = fa[i : i + _CHUNK].to(torch.float64)
+        cb = fb[i : i + _CHUNK].to(torch.float64)
+        parts.append(float(lastdim_sum(ca * cb).item()))
+    return math.fsum(parts)

@@ -53,7 +53,6 @@ def _merge(task: TensorTask) -> torch.Tensor:
     if base is None:
         raise InvalidRecipe("model_stock needs a base model")
     xs = list(task.inputs)
-    n = len(xs)
     filter_wise = bool(task.params["filter_wise"])
     aggregation = str(task.params["aggregation"])
     shape = base.shape
@@ -63,30 +62,69 @@ def _merge(task: TensorTask) -> torch.Tensor:
         return xs[0].clone()  # t = 1 and mean = x, up to rounding
     if filter_wise:
         b2 = base.reshape(-1, shape[-1] if base.dim() >= 1 else 1)
-        x2 = [x.reshape(b2.shape) for x in xs]
     else:
         b2 = base.reshape(1, -1)
-        x2 = [x.reshape(1, -1) for x in xs]
-    offsets = [x - b2 for x in x2]
-    norms = [torch.sqrt(dm.rowdot64(d, d)) for d in offsets]
+    x2 = [x.reshape(b2.shape) for x in xs]
+    t = stock_t(_aggregate_cos(b2, x2, aggregation), len(xs))
+    return _blend(t, b2, x2).reshape(shape)
+
+
+def _offset_gram(b2: torch.Tensor, x2: list[torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
+    """Row-wise float64 dot products of the offsets ``d_i = x_i - b``: ``(i, j) -> (rows,)``.
+
+    All the pairs (``i <= j``) in one pass over the inputs: each tile's offsets are formed in the
+    compute dtype (exactly as ``x - b`` would be) and reduced by :func:`._detmath.rowgram64`, so
+    the offsets never exist as whole tensors and every value equals ``rowdot64(d_i, d_j)``.
+    """
+    n = len(x2)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+
+    def load(r0: int, r1: int, c0: int, c1: int) -> list[torch.Tensor]:
+        b = b2[r0:r1, c0:c1]
+        return [x[r0:r1, c0:c1] - b for x in x2]
+
+    gram = dm.rowgram64(load, n, pairs, b2.shape[0], b2.shape[1])
+    return {pair: gram[p] for p, pair in enumerate(pairs)}
+
+
+def _aggregate_cos(b2: torch.Tensor, x2: list[torch.Tensor], aggregation: str) -> torch.Tensor:
+    """The aggregated cosine per row (float64), from the pairwise cosines of the offsets."""
+    n = len(x2)
+    gram = _offset_gram(b2, x2)
+    norms = [torch.sqrt(gram[(i, i)]) for i in range(n)]
     total = torch.zeros(b2.shape[0], dtype=torch.float64)
     pairs = 0
     for i in range(n):
         for j in range(i + 1, n):
-            cos = dm.rowdot64(offsets[i], offsets[j]) / (norms[i] * norms[j]).clamp(min=_NORM_FLOOR)
+            cos = gram[(i, j)] / (norms[i] * norms[j]).clamp(min=_NORM_FLOOR)
             cos = torch.clamp(cos, -1.0, 1.0)
             total = total + (dm.acos(cos) if aggregation == "angle" else cos)
             pairs += 1
     mean = total / pairs
-    cos = dm.cos(mean) if aggregation == "angle" else mean
-    t = stock_t(cos, n)
-    avg = x2[0]
-    for x in x2[1:]:
-        avg = avg + x
-    avg = avg / torch.tensor(float(n), dtype=avg.dtype)
-    t_c = t.to(b2.dtype).unsqueeze(-1)
-    one_minus_t = (1.0 - t).to(b2.dtype).unsqueeze(-1)
-    return (t_c * avg + one_minus_t * b2).reshape(shape)
+    return dm.cos(mean) if aggregation == "angle" else mean
+
+
+def _blend(t: torch.Tensor, b2: torch.Tensor, x2: list[torch.Tensor]) -> torch.Tensor:
+    """``t * mean(x_i) + (1 - t) * b`` per row, in the compute dtype, tile by tile.
+
+    The same elementwise operations in the same order as on whole tensors (so the same bits),
+    accumulated in the output itself, with one tile-sized temporary instead of five
+    full-size tensors.
+    """
+    dtype = b2.dtype
+    t_c = t.to(dtype).unsqueeze(-1)
+    one_minus_t = (1.0 - t).to(dtype).unsqueeze(-1)
+    count = torch.tensor(float(len(x2)), dtype=dtype)
+    out = torch.empty_like(b2)
+    for r0, r1, c0, c1 in dm.tiles2d(*b2.shape):
+        acc = out[r0:r1, c0:c1]
+        torch.add(x2[0][r0:r1, c0:c1], x2[1][r0:r1, c0:c1], out=acc)
+        for x in x2[2:]:
+            acc += x[r0:r1, c0:c1]
+        acc /= count
+        acc *= t_c[r0:r1]
+        acc += one_minus_t[r0:r1] * b2[r0:r1, c0:c1]
+    return out
 
 
 SPECS: tuple[StrategySpec, ...] = (
