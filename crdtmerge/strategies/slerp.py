@@ -81,18 +81,36 @@ def _coef(c: float, like: torch.Tensor) -> torch.Tensor:
 
 
 def _combine(c0: float, v0: torch.Tensor, c1: float, v1: torch.Tensor) -> torch.Tensor:
-    return _coef(c0, v0) * v0 + _coef(c1, v1) * v1
+    """``c0 * v0 + c1 * v1`` in the compute dtype, written tile by tile into the result.
+
+    The same two products and one sum per element as on whole tensors (so the same bits),
+    with a tile-sized temporary instead of two full-size ones.
+    """
+    k0 = _coef(c0, v0)
+    k1 = _coef(c1, v1)
+    out = torch.empty(v0.shape, dtype=torch.result_type(v0, v1))
+    f0, f1, fo = v0.reshape(1, -1), v1.reshape(1, -1), out.view(1, -1)
+    for _, _, a, b in dm.tiles2d(1, fo.shape[1]):
+        torch.mul(f0[:, a:b], k0, out=fo[:, a:b])
+        fo[:, a:b] += f1[:, a:b] * k1
+    return out
+
+
+def _norms_and_dot(v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float, float]:
+    """``(|v0|, |v1|, v0 . v1)`` from one float64 pass (each equals norm64 / dot64)."""
+    f0, f1 = v0.reshape(1, -1), v1.reshape(1, -1)
+    g = dm.rowgram64(dm.tiles_of(f0, f1), 2, [(0, 0), (1, 1), (0, 1)], 1, f0.shape[1])
+    return math.sqrt(float(g[0, 0])), math.sqrt(float(g[1, 0])), float(g[2, 0])
 
 
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """mergekit's ``slerp(t, v0, v1)`` on whole tensors (see the module docstring)."""
     if torch.equal(v0, v1):
         return v0.clone()
-    n0 = dm.norm64(v0)
-    n1 = dm.norm64(v1)
+    n0, n1, dot = _norms_and_dot(v0, v1)
     d0 = n0 if n0 > _SLERP_EPS else 1.0
     d1 = n1 if n1 > _SLERP_EPS else 1.0
-    dot = dm.dot64(v0, v1) / (d0 * d1)
+    dot = dot / (d0 * d1)
     if abs(dot) > _DOT_THRESHOLD:
         return _combine(1.0 - t, v0, t, v1)
     theta = dm.acos(dot)
