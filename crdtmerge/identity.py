@@ -14,7 +14,8 @@ parts), so a chunk leaf is never a node, a node never a tensor leaf, and so on:
 - ``tensor leaf = H("crdtmerge/v1/tensor", utf-8 name, dtype code, u64 ndim || u64 dims...,
   u64 nbytes, chunk-tree root)`` -- the shape is length-prefixed, so ``(2,3)`` and ``(3,2)``
   differ even with equal bytes.
-- ``metadata leaf = H("crdtmerge/v1/meta", canonical_pack(metadata))``.
+- ``metadata leaf = H("crdtmerge/v1/meta", canonical_pack(metadata))``, the metadata first
+  normalised: every integral float is written as an int (:func:`normalise_metadata`).
 - ``root = H("crdtmerge/v1/object", u64 chunk_size, metadata leaf, tensor-tree root)``, where
   the tensor tree is the same binary construction over tensor leaves sorted by name (UTF-8
   byte order equals code-point order). Committing ``chunk_size`` means every field of a
@@ -37,6 +38,7 @@ from __future__ import annotations
 import bisect
 import functools
 import json
+import math
 import os
 import struct
 import threading
@@ -69,6 +71,7 @@ __all__ = [
     "hash_tensors",
     "merkle_root",
     "metadata_leaf",
+    "normalise_metadata",
     "object_root",
     "parse_root",
     "read_contribution_metadata",
@@ -122,10 +125,37 @@ def _check_depth(value: Any, what: str = "metadata") -> None:
             stack.extend((child, depth + 1) for child in children)
 
 
+def normalise_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``metadata`` with every integral float written as an int (``1.0`` -> ``1``).
+
+    JSON and YAML do not keep ``1`` and ``1.0`` apart reliably, and every parameter a strategy
+    reads goes through :meth:`~crdtmerge.strategies.base.ParamSpec.check`, which coerces both to
+    the same value, so the two must give one root (otherwise the same fine-tune pushed twice
+    counts twice). Kept as floats: ``-0.0`` (its sign can reach the output) and magnitudes of
+    2**53 and above (not every such float is an exact int in JSON readers).
+
+    Raises:
+        InvalidInput: nesting deeper than :data:`MAX_METADATA_DEPTH`.
+    """
+    _check_depth(metadata)
+    return _integral_as_int(dict(metadata))
+
+
+def _integral_as_int(value: Any) -> Any:
+    if isinstance(value, float):
+        negative_zero = value == 0.0 and math.copysign(1.0, value) < 0
+        if value.is_integer() and abs(value) < 2**53 and not negative_zero:
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        return {k: _integral_as_int(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_integral_as_int(v) for v in value]
+    return value
+
+
 def _pack_metadata(metadata: Mapping[str, Any]) -> bytes:
-    value = dict(metadata)
-    _check_depth(value)
-    return canonical_pack(value)
+    return canonical_pack(normalise_metadata(metadata))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +405,7 @@ class Manifest:
         for a, b in zip(ordered, ordered[1:], strict=False):
             if a.name == b.name:
                 raise InvalidInput(f"tensor {_short(a.name)} appears twice")
-        meta = dict(metadata or {})
+        meta = normalise_metadata(metadata or {})
         root = object_root(meta, [e.leaf() for e in ordered], chunk_size=chunk_size)
         return cls(root, meta, ordered, chunk_size)
 
@@ -532,6 +562,8 @@ class Manifest:
         if not isinstance(metadata, dict):
             raise ValueError("metadata must be a map")
         _check_depth(metadata, "manifest metadata")
+        if canonical_pack(metadata) != canonical_pack(_integral_as_int(metadata)):
+            raise ValueError("metadata writes an integral number as a float (1.0 for 1)")
         entries = []
         for item in body["tensors"]:
             name, dtype, shape, nbytes, leaves = item
@@ -759,6 +791,7 @@ def read_contribution_metadata(source: TensorSource | Any) -> dict[str, Any]:
             f"got {type(value).__name__}"
         )
     try:
+        value = normalise_metadata(value)
         _pack_metadata(value)
     except InvalidInput as exc:
         raise InvalidTensorFile(
@@ -777,7 +810,7 @@ def contribution_metadata_header(meta: Mapping[str, Any]) -> dict[str, str]:
         >>> contribution_metadata_header({"params": {"weight": 0.5}})
         {'crdtmerge': '{"params":{"weight":0.5}}'}
     """
-    value = dict(meta)
+    value = normalise_metadata(meta)
     _pack_metadata(value)
     try:
         text = json.dumps(
@@ -826,6 +859,7 @@ def _hash_source(
     source: TensorSource, metadata: Mapping[str, Any] | None, chunk_size: int
 ) -> Manifest:
     meta = read_contribution_metadata(source) if metadata is None else dict(metadata)
+    meta = normalise_metadata(meta)
     _pack_metadata(meta)  # fail before hashing gigabytes
     infos = source.infos()
     leaves: list[list[bytes]] = [[] for _ in infos]

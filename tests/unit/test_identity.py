@@ -35,6 +35,7 @@ from crdtmerge.identity import (
     set_root,
     verify_chunk,
 )
+from crdtmerge.store import ObjectStore
 from crdtmerge.tensors import StreamingWriter, TensorInfo, open_tensors, write_tensors
 from tests.models import make_model, randn
 
@@ -200,6 +201,49 @@ def test_metadata_key_order_does_not_matter(tmp_path: Path) -> None:
     write_tensors(tmp_path / "m.safetensors", model, header)
     assert read_contribution_metadata(tmp_path / "m.safetensors") == m1
     assert hash_tensors(tmp_path / "m.safetensors").root == hash_tensors(model, m1).root
+
+
+def test_integral_floats_and_ints_give_one_root(tmp_path: Path) -> None:
+    # the same fine-tune pushed with "weight": 1 and "weight": 1.0 is one contribution
+    model = make_model(1)
+    as_int = {"params": {"weight": 1, "density": [{"filter": "mlp", "value": 2}]}}
+    as_float = {"params": {"weight": 1.0, "density": [{"filter": "mlp", "value": 2.0}]}}
+    assert hash_tensors(model, as_int).root == hash_tensors(model, as_float).root
+    for i, meta in enumerate((as_int, as_float)):
+        header = {"crdtmerge": json.dumps(meta)}  # as another tool would write it
+        write_tensors(tmp_path / f"m{i}.safetensors", model, header)
+        assert read_contribution_metadata(tmp_path / f"m{i}.safetensors") == as_int
+        assert (
+            type(read_contribution_metadata(tmp_path / f"m{i}.safetensors")["params"]["weight"])
+            is int
+        )
+    # and the stored objects are the same bytes (their header comes from the manifest)
+    stores = [ObjectStore.at(tmp_path / f"s{i}") for i in range(2)]
+    roots = [s.ingest(tmp_path / f"m{i}.safetensors")[0] for i, s in enumerate(stores)]
+    assert roots[0] == roots[1]
+    assert stores[0].path(roots[0]).read_bytes() == stores[1].path(roots[1]).read_bytes()
+    assert contribution_metadata_header(as_float) == contribution_metadata_header(as_int)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (0.0, -0.0),  # the sign of a zero can reach the output
+        (0.5, 1),
+        (2**53, 2.0**53),  # from 2**53 on, floats stay floats
+        ("1", 1),
+    ],
+)
+def test_values_that_are_not_the_same_number_keep_their_roots_apart(a, b) -> None:
+    model = {"w": torch.ones(2)}
+    assert hash_tensors(model, {"x": a}).root != hash_tensors(model, {"x": b}).root
+
+
+def test_a_manifest_writing_an_integral_float_is_not_canonical() -> None:
+    good = hash_tensors({"w": torch.ones(2)}, {"params": {"weight": 1}}, chunk_size=64)
+    forged = dataclasses.replace(good, metadata={"params": {"weight": 1.0}})
+    with pytest.raises(InvalidInput, match="integral number as a float"):
+        Manifest.from_bytes(forged.to_bytes(), expected_root=good.root)
 
 
 @pytest.mark.parametrize(
