@@ -52,21 +52,25 @@ class CounterRNG:
             raise ValueError(f"CounterRNG key must be 32 bytes, got {len(key)}")
         self._key = key
 
-    def _bytes(self, nbytes: int, stream: bytes) -> bytes:
+    def _bytes(self, nbytes: int, stream: bytes, seek: int = 0) -> bytes:
         hasher = blake3.blake3(stream, key=self._key)
         if nbytes <= _PARALLEL_BYTES:
-            return hasher.digest(length=nbytes)
+            return hasher.digest(length=nbytes, seek=seek)
         offsets = range(0, nbytes, _SLICE_BYTES)
         with ThreadPoolExecutor(max_workers=2) as pool:
             parts = pool.map(
-                lambda off: hasher.digest(length=min(_SLICE_BYTES, nbytes - off), seek=off),
+                lambda off: hasher.digest(length=min(_SLICE_BYTES, nbytes - off), seek=seek + off),
                 offsets,
             )
             return b"".join(parts)
 
-    def words(self, n: int, stream: bytes) -> np.ndarray:
-        """``n`` uint32 words of the stream (little-endian), as a numpy array."""
-        return np.frombuffer(self._bytes(4 * n, stream), dtype="<u4")
+    def words(self, n: int, stream: bytes, start: int = 0) -> np.ndarray:
+        """Words ``start .. start + n - 1`` of the stream (uint32, little-endian), as numpy.
+
+        ``words(n, s, start)`` equals ``words(start + n, s)[start:]`` (the XOF seeks exactly),
+        so a long stream can be consumed piece by piece, or by several threads.
+        """
+        return np.frombuffer(self._bytes(4 * n, stream, 4 * start), dtype="<u4")
 
     def uniform(self, n: int, stream: bytes) -> torch.Tensor:
         """``n`` float32 uniforms in ``[0, 1)``: ``(word >> 8) * 2**-24``, exact on every CPU."""

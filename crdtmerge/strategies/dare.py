@@ -21,28 +21,97 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidRecipe
 from . import _sparsify as sp
 from .base import ParamSpec, StrategySpec, TensorTask
-from .ties import DENSITY, LAMBDA, SIGN_METHOD, gta_merge, normalize_param
+from .ties import DENSITY, LAMBDA, SIGN_METHOD, normalize_param
 
-__all__ = ["DARE_LINEAR", "DARE_TIES", "SPECS", "dare_linear", "dare_ties", "drop_and_rescale"]
+__all__ = ["DARE_LINEAR", "DARE_TIES", "SPECS", "dare_linear", "dare_ties"]
 
 
-def drop_and_rescale(task: TensorTask, i: int, delta: torch.Tensor) -> torch.Tensor:
-    """Random drop of contribution ``i``'s delta with its ``density``, then the rescale rule."""
-    density = float(task.model_params[i]["density"])
-    if density >= 1.0:
+class _Drop:
+    """Contribution ``i``'s drop for one tensor: its mask and the survivors' rescale.
+
+    Decided up front (the L1 rescale needs the norms of the whole delta before and after the
+    drop), so that the merge itself can then form, drop, rescale and combine the deltas one
+    chunk at a time. The operations per element are those of dropping and rescaling the whole
+    delta in place (zero the dropped entries, then ``*= before / after`` or ``/= density``).
+    """
+
+    def __init__(self, task: TensorTask, i: int, base: torch.Tensor, x: torch.Tensor) -> None:
+        self.keep: torch.Tensor | None = None
+        self.scale: float | None = None
+        self.divisor: float | None = None
+        density = float(task.model_params[i]["density"])
+        if density >= 1.0:
+            return  # keeps everything and draws nothing
+        n = base.numel()
+        self.keep = sp.keep_bits(task, i, n, density)
+        rescale = str(task.params["rescale_mode"]) if task.params["rescale"] else None
+        if rescale == "l1":
+            before, after = sp.L1Rows(n), sp.L1Rows(n)
+            for start in range(0, n, sp.CHUNK):
+                mags = (x[start : start + sp.CHUNK] - base[start : start + sp.CHUNK]).abs_()
+                before.add_abs(start, mags)  # |dropped d| = dropped |d| (both +0.0 or |d|)
+                after.add_abs(start, sp.zero_dropped(mags, self.keep[start : start + sp.CHUNK]))
+            b, a = before.total(), after.total()
+            if b >= 1e-7 and a >= 1e-7:
+                self.scale = b / a
+        elif rescale == "inverse" and density > 0.0:
+            self.divisor = density
+
+    def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
+        """Drop and rescale ``delta`` (elements ``start ..`` of the task vector) in place."""
+        if self.keep is not None:
+            sp.zero_dropped(delta, self.keep[start : start + delta.numel()])
+        if self.scale is not None:
+            delta *= self.scale
+        elif self.divisor is not None:
+            delta /= self.divisor
         return delta
-    rescale = str(task.params["rescale_mode"]) if task.params["rescale"] else None
-    return sp.random_drop(task, i, delta, density, rescale)
+
+
+def _dare(task: TensorTask, consensus: str | None) -> torch.Tensor:
+    """DARE drop and rescale of every task vector, then :func:`._sparsify.combine`, by chunks.
+
+    Bit-identical to dropping whole task vectors and combining them, without ever holding a
+    whole task vector: each chunk's deltas ``x_i - base`` are formed, dropped, rescaled and
+    combined (every operation is elementwise, so the chunking cannot change a bit).
+    """
+    if task.base is None:
+        raise InvalidRecipe(f"tensor {task.name!r}: this strategy needs a base model")
+    base = task.base.reshape(-1)
+    xs = [x.reshape(-1) for x in task.inputs]
+    drops = [_Drop(task, i, base, x) for i, x in enumerate(xs)]
+    weights = task.weights
+    unit, total = sp.weight_totals(weights)
+    out = torch.empty(task.base.shape, dtype=torch.result_type(xs[0], base))
+    flat_out = out.view(-1)
+    for start in range(0, base.numel(), sp.CHUNK):
+        stop = start + sp.CHUNK
+        sp.combine_chunk(
+            flat_out[start:stop],
+            [
+                drop.apply(x[start:stop] - base[start:stop], start)
+                for drop, x in zip(drops, xs, strict=True)
+            ],
+            weights,
+            consensus=consensus,
+            normalize=bool(task.params["normalize"]),
+            lambda_=float(task.params["lambda"]),
+            base=base[start:stop],
+            unit=unit,
+            total=total,
+        )
+    return out
 
 
 def dare_linear(task: TensorTask) -> torch.Tensor:
-    return gta_merge(task, drop_and_rescale, None)
+    return _dare(task, None)
 
 
 def dare_ties(task: TensorTask) -> torch.Tensor:
-    return gta_merge(task, drop_and_rescale, str(task.params["sign_method"]))
+    return _dare(task, str(task.params["sign_method"]))
 
 
 RESCALE_TRUE = ParamSpec(
