@@ -234,11 +234,23 @@ class NodeRuntime:
         """Feed one event to the replica core and execute its effects in order.
 
         Returns the ``Ack`` effects (for local requests). Raises what the core raises (bad
-        request, bad peer message: nothing changed) or StorageError if a Persist fails (the
-        remaining effects, including the Ack, are not executed).
+        request, bad peer message: nothing changed) or StorageError if a Persist fails: the
+        remaining effects, including the Ack, are not executed and the core goes back to the
+        state it had before the event (:meth:`Replica.revert`), so what is not on disk is
+        never gossiped.
         """
         async with self._lock:
-            return await self._execute(self.replica.handle(event))
+            return await self._apply(event)
+
+    async def _apply(self, event: Event) -> list[Ack]:
+        """:meth:`handle` for a caller that already holds the lock."""
+        before = self.replica.state
+        effects = self.replica.handle(event)
+        try:
+            return await self._execute(effects)
+        except StorageError:
+            self.replica.revert(before)
+            raise
 
     async def _execute(self, effects: list[Effect]) -> list[Ack]:
         acks: list[Ack] = []
@@ -418,7 +430,7 @@ class NodeRuntime:
             # so this add wins over it (add-wins; found by the Jepsen-lite run, seed
             # 1412824649). The answer still says whether the root was new to this replica.
             added = root not in self.replica.state.get(name).contributions
-            await self._execute(self.replica.handle(AddContribution(name, root)))
+            await self._apply(AddContribution(name, root))
         self.metrics.uploads_total.labels(kind="contribution", result="ok").inc()
         if created_obj:
             self.metrics.objects.inc()

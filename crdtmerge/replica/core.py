@@ -176,6 +176,17 @@ class Replica:
             raise LocalProtocolError(f"not a replica event: {event!r}")
         return handler(self, event)
 
+    def revert(self, state: NodeState) -> None:
+        """Put back ``state``, the state this replica held before the last event.
+
+        The I/O layer calls it when persisting that event's documents failed: a change that
+        is not durable must not be gossiped (a crash would then lose an add the cluster has
+        seen, or reuse its dot). Nothing of it was sent, because every handler emits ``Persist``
+        before its ``Send``, ``Ack`` and notice effects, and the I/O layer stops at a failed
+        one; so the dots minted for it may be minted again.
+        """
+        self.state = state
+
     # -- local writes -----------------------------------------------------------------------
 
     def _local(

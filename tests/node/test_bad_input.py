@@ -8,6 +8,7 @@ import struct
 import pytest
 import torch
 
+from crdtmerge.errors import StorageError
 from crdtmerge.tensors import write_tensors
 from tests.models import TINY_LAYOUT, make_model
 
@@ -150,3 +151,30 @@ def test_bad_recipe_is_4xx_and_changes_nothing(node, recipe, status, code):
         code = "invalid_recipe"
     assert (r.status_code, r.json()["error"]) == (status, code), r.text
     assert node.get("/v1/merges").json()["merges"] == []
+
+
+def test_a_write_that_cannot_be_persisted_is_507_and_leaves_no_trace(node, model_files):
+    rt = runtime(node)
+    first = node.post("/v1/merges/m/contributions", content=model_files["ft0"].read_bytes())
+    assert first.status_code == 201, first.text
+    before = node.get("/v1/merges/m").json()
+    state_before = rt.replica.state
+    real = rt.db.save_documents
+
+    def disk_gone(docs):
+        raise StorageError("node database write failed: disk I/O error")
+
+    rt.db.save_documents = disk_gone
+    try:
+        r = node.post("/v1/merges/m/contributions", content=model_files["ft1"].read_bytes())
+    finally:
+        rt.db.save_documents = real
+    assert r.status_code == 507 and r.json()["error"] == "storage_error", r.text
+    # nothing of the failed add is visible (so nothing of it can be gossiped)
+    assert rt.replica.state.get("m").to_bytes() == state_before.get("m").to_bytes()
+    assert node.get("/v1/merges/m").json() == before
+    # the disk is back: the same push succeeds, once
+    again = node.post("/v1/merges/m/contributions", content=model_files["ft1"].read_bytes())
+    assert again.status_code == 201, again.text
+    listed = node.get("/v1/merges/m/contributions").json()["contributions"]
+    assert len(listed) == 2
