@@ -458,6 +458,12 @@ class PartialObject:
         self._index = {c: i for i, c in enumerate(self._chunks)}
         self._prefix, self._offsets = canonical_layout(manifest)
         total = len(self._prefix) + sum(t.nbytes for t in manifest.tensors)
+        if (d / f"{h}.manifest").exists() and not _has_size(self._data, total):
+            # the data file is gone or cut short: a crash inside complete(), after the data was
+            # renamed into place but before its manifest was written (the next start sweeps
+            # that orphan away), leaves the bitmap claiming chunks that no longer exist.
+            # Start over rather than fail on every attempt.
+            (d / f"{h}.manifest").unlink()
         if not (d / f"{h}.manifest").exists():
             with open(self._data, "wb") as f:
                 f.write(self._prefix)
@@ -577,6 +583,13 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     to do. A no-op elsewhere."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except FileNotFoundError:
+        return False
 
 
 def _preallocate(fd: int, size: int) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import crdtmerge.store as store_module
 from crdtmerge.errors import IntegrityError, InvalidInput, InvalidTensorFile, NotFound, TooLarge
 from crdtmerge.identity import contribution_metadata_header, hash_tensors
 from crdtmerge.store import IngestLimits, ObjectStore, hash_file
@@ -174,6 +175,42 @@ def test_partial_object_verifies_resumes_and_appears_only_when_complete(tmp_path
     assert hash_tensors(receiver.path(manifest.root), chunk_size=1024).root == manifest.root
     start, n = manifest.chunk_span("big", 3)
     assert receiver.read_chunk(manifest.root, "big", 3) == whole["big"][start : start + n]
+
+
+def test_a_crash_inside_complete_does_not_wedge_the_partial(tmp_path, monkeypatch):
+    """Killed after the data was renamed into place but before its manifest was written: the
+    next start sweeps the orphan data away, and the partial (bitmap all set, data gone) must
+    start over instead of failing on every attempt (found by the Jepsen-lite run)."""
+    tensors = {"w": torch.arange(3000, dtype=torch.float32)}
+    write_tensors(tmp_path / "m.safetensors", tensors)
+    manifest = hash_tensors(tmp_path / "m.safetensors", chunk_size=1024)
+    with open_tensors(tmp_path / "m.safetensors") as ts:
+        whole = bytes(ts.buffer("w"))
+
+    def fill(partial):
+        for name, index in partial.missing():
+            start, n = manifest.chunk_span(name, index)
+            partial.write_chunk(name, index, whole[start : start + n])
+
+    receiver = ObjectStore.at(tmp_path / "dst")
+    partial = receiver.begin_partial(manifest)
+    fill(partial)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("kill -9")
+
+    monkeypatch.setattr(store_module, "_write_atomic", killed)  # the final manifest
+    with pytest.raises(KeyboardInterrupt):
+        partial.complete()
+    monkeypatch.undo()
+
+    receiver = ObjectStore.at(tmp_path / "dst")  # restart: the orphan data is swept
+    assert not receiver.has(manifest.root) and receiver.partials() == [manifest.root]
+    resumed = receiver.begin_partial(manifest)
+    assert len(resumed.missing()) == manifest.num_chunks  # starts over
+    fill(resumed)
+    assert resumed.complete() == manifest.root
+    assert hash_tensors(receiver.path(manifest.root), chunk_size=1024).root == manifest.root
 
 
 def test_read_chunk_serves_the_sender_side(store, tmp_path):
