@@ -171,7 +171,8 @@ class ObjectStore:
         """Open (creating) a store and sweep what a crash may have left behind.
 
         Temporary files are removed; a data file without its manifest (a crash between the
-        two renames) is removed; partial objects are kept for resumption.
+        two renames) is removed; partial objects are kept for resumption, except those whose
+        object was published (a crash before their clean-up).
         """
         store = cls(Path(root_dir))
         try:
@@ -187,6 +188,11 @@ class ObjectStore:
                     orphan = f.suffix == ".safetensors" and not f.with_suffix(".manifest").exists()
                     if temp or orphan:
                         f.unlink(missing_ok=True)
+            for root in store.partials():
+                # a kill after complete() published the object but before it cleaned up
+                if store._final(root, ".manifest").exists():
+                    for suffix in (".have", ".part", ".manifest"):
+                        (store.partial_dir / f"{root.hex()}{suffix}").unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot open the object store {store.dir}: {exc}") from exc
         return store
@@ -432,7 +438,9 @@ class ObjectStore:
 
     def partials(self) -> list[bytes]:
         return sorted(
-            bytes.fromhex(f.stem) for f in self.partial_dir.glob("*.manifest") if len(f.stem) == 64
+            bytes.fromhex(f.stem)
+            for f in self.partial_dir.glob("*.manifest")
+            if len(f.stem) == 64 and all(c in "0123456789abcdef" for c in f.stem)
         )
 
 

@@ -213,6 +213,25 @@ def test_a_crash_inside_complete_does_not_wedge_the_partial(tmp_path, monkeypatc
     assert hash_tensors(receiver.path(manifest.root), chunk_size=1024).root == manifest.root
 
 
+def test_partial_files_of_a_published_object_are_swept_at_start(tmp_path, monkeypatch):
+    """Killed after complete() published the object but before it removed the partial."""
+    write_tensors(tmp_path / "m.safetensors", {"w": torch.arange(100, dtype=torch.float32)})
+    manifest = hash_tensors(tmp_path / "m.safetensors", chunk_size=1024)
+    with open_tensors(tmp_path / "m.safetensors") as ts:
+        whole = bytes(ts.buffer("w"))
+    receiver = ObjectStore.at(tmp_path / "dst")
+    partial = receiver.begin_partial(manifest)
+    partial.write_chunk("w", 0, whole)
+    monkeypatch.setattr(store_module.PartialObject, "abandon", lambda self: None)
+    partial.complete()
+    monkeypatch.undo()
+    (receiver.partial_dir / "not-a-root.manifest").write_bytes(b"")  # foreign: left alone
+    assert receiver.partials() == [manifest.root]
+    receiver = ObjectStore.at(tmp_path / "dst")
+    assert receiver.has(manifest.root) and receiver.partials() == []
+    assert sorted(p.name for p in receiver.partial_dir.iterdir()) == ["not-a-root.manifest"]
+
+
 def test_read_chunk_serves_the_sender_side(store, tmp_path):
     t = torch.arange(5_000_000, dtype=torch.float32)  # 20 MB: several 4 MiB chunks
     write_tensors(tmp_path / "a.safetensors", {"t": t})
