@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,12 @@ class SimNetwork:
 
     def transport(self, src: str) -> httpx.AsyncBaseTransport:
         return _NodeTransport(self, src)
+
+    def partition(self, *groups: Sequence[str]) -> None:
+        """Cut every link, both ways, between nodes of different groups."""
+        for g, h in itertools.combinations(groups, 2):
+            for x, y in itertools.product(g, h):
+                self.cut |= {(x, y), (y, x)}
 
 
 class _NodeTransport(httpx.AsyncBaseTransport):

@@ -84,9 +84,7 @@ def test_concurrent_add_and_remove_across_a_partition_add_wins(tmp_path):
         async with Simulation(tmp_path, 3) as sim:
             root = bytes.fromhex(await sim.push(0, "m", model_bytes(1)))
             await _rounds_until(sim, lambda: sim.metadata_converged("m", {root}))
-            # partition {0} | {1, 2}
-            sim.net.cut |= {(a, b) for a in ("n0",) for b in ("n1", "n2")}
-            sim.net.cut |= {(b, a) for a in ("n0",) for b in ("n1", "n2")}
+            sim.net.partition(["n0"], ["n1", "n2"])
             await sim.remove(1, "m", root.hex())  # n1 removes the add it observed
             # n0 removes and re-adds: a fresh dot, concurrent with n1's remove
             await sim.remove(0, "m", root.hex())
@@ -110,8 +108,7 @@ def test_re_push_of_a_live_root_wins_over_a_concurrent_remove(tmp_path):
         async with Simulation(tmp_path, 3) as sim:
             root = bytes.fromhex(await sim.push(0, "m", model_bytes(1)))
             await _rounds_until(sim, lambda: sim.metadata_converged("m", {root}))
-            sim.net.cut |= {(a, b) for a in ("n0",) for b in ("n1", "n2")}
-            sim.net.cut |= {(b, a) for a in ("n0",) for b in ("n1", "n2")}
+            sim.net.partition(["n0"], ["n1", "n2"])
             await sim.remove(1, "m", root.hex())
             await sim.push(0, "m", model_bytes(1))  # live on n0: acknowledged with 200
             await sim.quiesce()

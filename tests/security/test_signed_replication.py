@@ -52,7 +52,7 @@ def test_replicas_agree_on_signed_contributions_whatever_they_accepted(tmp_path)
         async with Simulation(tmp_path, 3, merges=True) as sim:
             # isolate the nodes so each decides at ingest from its own state
             names = [n.name for n in sim.nodes]
-            sim.net.cut |= {(a, b) for a in names for b in names if a != b}
+            sim.net.partition(*([n] for n in names))
             await sim.set_recipe(0, "m", LINEAR)
             async with sim.api(0) as c:
                 assert (await c.put(f"/v1/merges/m/trusted-keys/{k1_hex}")).status_code == 200
@@ -71,7 +71,7 @@ def test_replicas_agree_on_signed_contributions_whatever_they_accepted(tmp_path)
                 assert s["untrusted"] == sorted([unsigned, signed_k2])
 
             # concurrently: n1 stops trusting k1 while n2 trusts k2 (partitioned)
-            sim.net.cut |= {(a, b) for a in names for b in names if a != b}
+            sim.net.partition(*([n] for n in names))
             async with sim.api(1) as c:
                 assert (await c.delete(f"/v1/merges/m/trusted-keys/{k1_hex}")).status_code == 200
             async with sim.api(2) as c:
