@@ -156,12 +156,16 @@ def test_outlier_mask_drops_top_gamma_and_the_bottom() -> None:
     assert keep.tolist() == [False, False, True, True, False, True]
 
 
-@pytest.mark.parametrize("chunk", [16, 1 << 18])
-def test_chunked_keep_rules_match_the_materialised_masks(
-    chunk: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sp, "CHUNK", chunk)
-    monkeypatch.setattr(_topk, "CHUNK", chunk)
+@pytest.fixture(params=[16, 1 << 18], ids=["chunk16", "chunk256k"])
+def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run the chunked kernels with tiny chunks (many boundaries) and with the default size."""
+    monkeypatch.setattr(sp, "CHUNK", request.param)
+    monkeypatch.setattr(_topk, "CHUNK", request.param)
+    return request.param
+
+
+@pytest.mark.usefixtures("chunk")
+def test_chunked_keep_rules_match_the_materialised_masks() -> None:
     rng = np.random.Generator(np.random.PCG64(21))
     for trial in range(30):
         n = int(rng.integers(2, 250))
@@ -314,14 +318,10 @@ def test_ties_model_scope_is_a_whole_model_top_k() -> None:
         spec.merge(make("ties", torch.zeros(4), [f32(1, 2, 3, 4)], params)[1])
 
 
-@pytest.mark.parametrize("chunk", [16, 1 << 18])
-def test_streamed_ties_equals_the_materialised_path(
-    chunk: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("chunk")
+def test_streamed_ties_equals_the_materialised_path() -> None:
     from crdtmerge.strategies import ties as ties_module
 
-    monkeypatch.setattr(sp, "CHUNK", chunk)
-    monkeypatch.setattr(_topk, "CHUNK", chunk)
     rng = np.random.Generator(np.random.PCG64(13))
     for trial in range(24):
         n = int(rng.integers(1, 300))
