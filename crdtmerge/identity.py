@@ -158,6 +158,13 @@ def _pack_metadata(metadata: Mapping[str, Any]) -> bytes:
     return canonical_pack(normalise_metadata(metadata))
 
 
+def _checked_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`normalise_metadata`, checked to have a canonical encoding (``InvalidInput``)."""
+    value = normalise_metadata(metadata)
+    canonical_pack(value)
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Roots as text
 
@@ -791,8 +798,7 @@ def read_contribution_metadata(source: TensorSource | Any) -> dict[str, Any]:
             f"got {type(value).__name__}"
         )
     try:
-        value = normalise_metadata(value)
-        _pack_metadata(value)
+        value = _checked_metadata(value)
     except InvalidInput as exc:
         raise InvalidTensorFile(
             f"{source.label}: __metadata__[{_short(METADATA_KEY)}]: {exc}"
@@ -810,8 +816,7 @@ def contribution_metadata_header(meta: Mapping[str, Any]) -> dict[str, str]:
         >>> contribution_metadata_header({"params": {"weight": 0.5}})
         {'crdtmerge': '{"params":{"weight":0.5}}'}
     """
-    value = normalise_metadata(meta)
-    _pack_metadata(value)
+    value = _checked_metadata(meta)
     try:
         text = json.dumps(
             value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -858,9 +863,8 @@ def hash_tensors(
 def _hash_source(
     source: TensorSource, metadata: Mapping[str, Any] | None, chunk_size: int
 ) -> Manifest:
-    meta = read_contribution_metadata(source) if metadata is None else dict(metadata)
-    meta = normalise_metadata(meta)
-    _pack_metadata(meta)  # fail before hashing gigabytes
+    # normalised and checked before hashing gigabytes
+    meta = read_contribution_metadata(source) if metadata is None else _checked_metadata(metadata)
     infos = source.infos()
     leaves: list[list[bytes]] = [[] for _ in infos]
     batch: list[tuple[int, int, memoryview]] = []  # (tensor position, chunk index, bytes)
