@@ -664,7 +664,7 @@ class ObjectFetcher:
                 # more than the batch is wrong: never read it
                 extensions={RESPONSE_LIMIT: sum(sizes), UNSIGNED_RESPONSE: True},
             )
-        except (TooLarge, RemoteProtocolError, Unauthorized) as exc:
+        except (TooLarge, RemoteProtocolError) as exc:
             raise _BadBytes(exc.detail) from exc
         except httpx.HTTPError as exc:
             raise _PeerFailed(f"chunks of {root.hex()[:12]}: {exc!r}") from exc
