@@ -602,9 +602,10 @@ def _has_size(path: Path, size: int) -> bool:
 
 def _preallocate(fd: int, size: int) -> None:
     """Reserve the blocks of a file about to be filled out of order: a full disk shows up now
-    rather than mid-transfer, and the writes that follow allocate nothing (writes into a sparse
-    file were measured at a third of the page-cache speed here). Best effort: a filesystem
-    without ``fallocate`` keeps the sparse file."""
+    rather than mid-transfer, and the writes that follow allocate nothing (256 MiB of 4 MiB
+    ``pwrite``s took 0.18–0.24 s into a sparse file and 0.05–0.23 s into a preallocated one
+    here: noisy, not a clear win on its own). Best effort: a filesystem without ``fallocate``
+    keeps the sparse file."""
     if size <= 0 or not hasattr(os, "posix_fallocate"):
         return
     try:
