@@ -3,8 +3,9 @@
 The ``platform`` strategies (``tsv_m``, ``iso_c``, ``iso_cts``, ``regmean``) call MKL's SVD,
 solve and matrix products. Two reasons to keep those calls on the calling thread alone:
 
-- **Liveness.** MKL's threaded ``gesdd`` spun forever in this project's CI (a 256 x 160 float32
-  SVD, after ``torch.set_num_threads(2)``), and other projects report the same class of hang of
+- **Liveness.** In this project's CI a 256 x 160 float32 SVD through MKL's threaded ``gesdd``
+  (after ``torch.set_num_threads(2)``) ran past the 300 s test timeout, twice, while the same
+  tests take milliseconds here; other projects report the same class of hang of
   OpenMP-threaded LAPACK on Linux 6.19+ kernels. One thread takes the threaded path out.
 - **Determinism.** A threaded factorisation's rounding depends on the thread count; with one
   thread the result no longer does (it still depends on the CPU and the MKL build, hence

@@ -3,8 +3,8 @@
 Every route depends on :func:`cluster_peer`, which verifies the request's HMAC signature made
 with the cluster secret (:mod:`node.auth_cluster`): an unsigned, wrongly signed, stale or
 replayed request gets 401 before any handler runs, and a node without a cluster secret refuses
-all of them. Every successful answer except chunk bytes is signed back (:func:`signed`), bound to the
-request's nonce, so the caller knows it came from a cluster member.
+all of them. Every successful answer except chunk bytes is signed back (:func:`signed`),
+bound to the request's nonce, so the caller knows it came from a cluster member.
 
 Anti-entropy (see :mod:`node.gossip`):
 
