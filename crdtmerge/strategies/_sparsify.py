@@ -23,7 +23,7 @@ elements), and no fused kernel (``lerp``, ``add(alpha=)``, ``addcmul``) is used.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -64,6 +64,7 @@ __all__ = [
     "chunked_cut",
     "combine",
     "combine_chunk",
+    "combine_into",
     "elect_sign",
     "fixed_sum",
     "histogram_summary",
@@ -413,27 +414,51 @@ def combine(
     """
     if not deltas:
         raise InvalidRecipe("a merge needs at least one contribution")
-    shape = deltas[0].shape
-    out = torch.empty(shape, dtype=deltas[0].dtype)
-    flat_out = out.view(-1)
+    out = torch.empty(deltas[0].shape, dtype=deltas[0].dtype)
     flat = [d.reshape(-1) for d in deltas]
-    flat_base = base.reshape(-1) if base is not None else None
+    combine_into(
+        out.view(-1),
+        lambda start, stop: [d[start:stop] for d in flat],
+        weights,
+        consensus=consensus,
+        normalize=normalize,
+        lambda_=lambda_,
+        base=base.reshape(-1) if base is not None else None,
+    )
+    return out
+
+
+def combine_into(
+    out: torch.Tensor,
+    deltas_at: Callable[[int, int], list[torch.Tensor]],
+    weights: Sequence[float],
+    *,
+    consensus: str | None,
+    normalize: bool,
+    lambda_: float,
+    base: torch.Tensor | None,
+) -> None:
+    """:func:`combine` written into the flat ``out``, ``CHUNK`` elements at a time.
+
+    ``deltas_at(start, stop)`` gives every contribution's (sparsified) task-vector elements
+    ``start .. stop - 1``, which are overwritten; they may be computed on the fly, so the whole
+    task vectors never need to exist. ``base`` is flat (or None).
+    """
     unit, total = weight_totals(weights)
-    n = flat_out.numel()
+    n = out.numel()
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
         combine_chunk(
-            flat_out[start:stop],
-            [d[start:stop] for d in flat],
+            out[start:stop],
+            deltas_at(start, stop),
             weights,
             consensus=consensus,
             normalize=normalize,
             lambda_=lambda_,
-            base=flat_base[start:stop] if flat_base is not None else None,
+            base=base[start:stop] if base is not None else None,
             unit=unit,
             total=total,
         )
-    return out
 
 
 def weight_totals(weights: Sequence[float]) -> tuple[bool, float]:

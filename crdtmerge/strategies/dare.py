@@ -83,26 +83,19 @@ def _dare(task: TensorTask, consensus: str | None) -> torch.Tensor:
     base = task.base.reshape(-1)
     xs = [x.reshape(-1) for x in task.inputs]
     drops = [_Drop(task, i, base, x) for i, x in enumerate(xs)]
-    weights = task.weights
-    unit, total = sp.weight_totals(weights)
     out = torch.empty(task.base.shape, dtype=torch.result_type(xs[0], base))
-    flat_out = out.view(-1)
-    for start in range(0, base.numel(), sp.CHUNK):
-        stop = start + sp.CHUNK
-        sp.combine_chunk(
-            flat_out[start:stop],
-            [
-                drop.apply(x[start:stop] - base[start:stop], start)
-                for drop, x in zip(drops, xs, strict=True)
-            ],
-            weights,
-            consensus=consensus,
-            normalize=bool(task.params["normalize"]),
-            lambda_=float(task.params["lambda"]),
-            base=base[start:stop],
-            unit=unit,
-            total=total,
-        )
+    sp.combine_into(
+        out.view(-1),
+        lambda start, stop: [
+            drop.apply(x[start:stop] - base[start:stop], start)
+            for drop, x in zip(drops, xs, strict=True)
+        ],
+        task.weights,
+        consensus=consensus,
+        normalize=bool(task.params["normalize"]),
+        lambda_=float(task.params["lambda"]),
+        base=base,
+    )
     return out
 
 

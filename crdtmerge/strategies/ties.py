@@ -118,27 +118,25 @@ def _ties_streamed(task: TensorTask) -> torch.Tensor:
             cuts.append(sp.Cut(torch.tensor(float("inf")), n))
         else:
             cuts.append(sp.chunked_cut(lambda a, b, x=x: x[a:b] - base[a:b], n, k))
-    weights = task.weights
-    unit, total = sp.weight_totals(weights)
     out = torch.empty(n, dtype=torch.float32)
-    for start in range(0, n, sp.CHUNK):
-        stop = min(start + sp.CHUNK, n)
+
+    def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
         b = base[start:stop]
         ds = [x[start:stop] - b for x in xs]
         for d, cut in zip(ds, cuts, strict=True):
             if cut is not None:
                 d.masked_fill_(cut.top(d, start).logical_not_(), 0.0)
-        sp.combine_chunk(
-            out[start:stop],
-            ds,
-            weights,
-            consensus=str(task.params["sign_method"]),
-            normalize=bool(task.params["normalize"]),
-            lambda_=float(task.params["lambda"]),
-            base=b,
-            unit=unit,
-            total=total,
-        )
+        return ds
+
+    sp.combine_into(
+        out,
+        deltas_at,
+        task.weights,
+        consensus=str(task.params["sign_method"]),
+        normalize=bool(task.params["normalize"]),
+        lambda_=float(task.params["lambda"]),
+        base=base,
+    )
     return out.view(shape)
 
 
