@@ -185,6 +185,8 @@ class Replication:
             max_object_bytes=settings.max_body_bytes,
             check_disk=runtime.check_disk,
             direct=runtime.owns_http,
+            batch_bytes=settings.fetch_batch_bytes,
+            commit_bytes=settings.fetch_commit_bytes,
         )
         self.rounds = 0
         self.bytes_sent = 0

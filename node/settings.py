@@ -49,6 +49,9 @@ class Settings:
         merge_debounce_s: the digest must be stable this long before a merge starts.
         merge_enabled: run the background merge worker.
         gossip_interval_s: anti-entropy period (for the replication driver).
+        fetch_batch_bytes: chunk bytes asked for in one request when fetching an object.
+        fetch_commit_bytes: verified bytes of a fetch made durable together (one data flush
+            and bitmap fsync); a crash refetches at most this much.
         peer_exchange: learn peers of peers (hello messages); configured URLs always win.
         log_level, log_json: logging configuration.
     """
@@ -74,6 +77,8 @@ class Settings:
     merge_debounce_s: float = 0.5
     merge_enabled: bool = True
     gossip_interval_s: float = 1.0
+    fetch_batch_bytes: int = 32 * MiB
+    fetch_commit_bytes: int = 256 * MiB
     peer_exchange: bool = True
     log_level: str = "INFO"
     log_json: bool = True
@@ -113,6 +118,8 @@ class Settings:
             "max_tensors",
             "max_uploads_per_client",
             "max_transfers_per_peer",
+            "fetch_batch_bytes",
+            "fetch_commit_bytes",
         ):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"{name} must be positive, got {getattr(self, name)}")

@@ -290,6 +290,7 @@ class ObjectFetcher:
         on_complete: called (in the event loop) with each root that became complete.
         concurrency: batches in flight per object.
         batch_bytes: target bytes per chunk-batch request.
+        commit_bytes: verified bytes written between two commits of a partial object.
         timeout: seconds per request.
         direct: fetch chunks from ``http(s)://`` peers over plain keep-alive sockets in
             ``concurrency`` threads, each chunk read straight into a reused buffer, verified and
@@ -309,6 +310,7 @@ class ObjectFetcher:
         on_complete: Callable[[bytes], Any] | None = None,
         concurrency: int = 4,
         batch_bytes: int = 32 << 20,
+        commit_bytes: int = COMMIT_BYTES,
         timeout: float = 30.0,
         manifest_timeout: float = MANIFEST_TIMEOUT_S,
         scores: PeerScores | None = None,
@@ -331,6 +333,7 @@ class ObjectFetcher:
         self.on_complete = on_complete
         self.concurrency = concurrency
         self.batch_bytes = batch_bytes
+        self.commit_bytes = commit_bytes
         self.timeout = timeout
         self.manifest_timeout = manifest_timeout
         self.scores = scores or PeerScores()
@@ -517,7 +520,7 @@ class ObjectFetcher:
                             usable.remove(peer)
                     written_refs += batch[:written]
                     written_bytes += sum(manifest.chunk_span(*ref)[1] for ref in batch[:written])
-                    if written_bytes >= COMMIT_BYTES:
+                    if written_bytes >= self.commit_bytes:
                         await asyncio.to_thread(partial.commit, written_refs)
                         written_refs, written_bytes = [], 0
                     left = batch[written:]

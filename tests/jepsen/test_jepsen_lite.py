@@ -32,7 +32,7 @@ from tests.process.cluster import Cluster
 
 from .checker import check, op_counts, summary
 from .history import History
-from .nemesis import BULK, Nemesis, NoiseRates
+from .nemesis import BULK, CHUNK, Nemesis, NoiseRates
 from .workload import LINEAR, MERGE, Workload, final_reads
 
 pytestmark = pytest.mark.slow
@@ -112,7 +112,16 @@ def run_jepsen(
 ) -> dict[str, Any]:
     """One run; returns the report (``report["check"]["valid"]`` is the verdict)."""
     t_start = time.monotonic()
-    cluster = Cluster(workdir, n, gossip_interval_s=0.15, seed=seed)
+    # one 4 MiB chunk per request and a commit after each: the transfer-kill must be able to
+    # see a partial object (with the defaults an 8-chunk object is one batch, one commit)
+    small = str(CHUNK)
+    cluster = Cluster(
+        workdir,
+        n,
+        gossip_interval_s=0.15,
+        seed=seed,
+        extra_env={"CRDTMERGE_FETCH_BATCH_BYTES": small, "CRDTMERGE_FETCH_COMMIT_BYTES": small},
+    )
     history = History()
     report: dict[str, Any] = {"seed": seed, "nodes": n, "history": str(workdir / "history.jsonl")}
     try:
@@ -260,6 +269,8 @@ def test_jepsen_lite_3_nodes(tmp_path):
     )
     nm = report["nemesis"]
     assert nm["partitions"] >= 1 and nm["kills"] >= 2 and nm["pauses"] >= 1
+    # the receiver was killed while it held a partial object (a missed kill tests no resume)
+    assert nm["transfer_kills"] == 1, report["nemesis_log"]
     assert report["check"]["ok"]["add"] >= 10
 
 

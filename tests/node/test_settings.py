@@ -20,8 +20,10 @@ def test_environment_then_overrides(tmp_path):
         "CRDTMERGE_MAX_BODY_BYTES": "1000",
         "CRDTMERGE_MERGE_DEBOUNCE_S": "0.25",
         "CRDTMERGE_LOG_JSON": "false",
+        "CRDTMERGE_FETCH_BATCH_BYTES": "4194304",
     }
     s = Settings.from_env(env)
+    assert (s.fetch_batch_bytes, s.fetch_commit_bytes) == (4 << 20, 256 << 20)
     assert s.data_dir == Path(tmp_path) and s.token == "env-token-123"
     assert s.peers == ("http://a:1", "http://b:2")
     assert (s.max_body_bytes, s.merge_debounce_s, s.log_json) == (1000, 0.25, False)
@@ -37,6 +39,8 @@ def test_environment_then_overrides(tmp_path):
         {},  # no data dir
         {"CRDTMERGE_DATA_DIR": "/x", "CRDTMERGE_PORT": "eighty"},
         {"CRDTMERGE_DATA_DIR": "/x", "CRDTMERGE_MAX_BODY_BYTES": "0"},
+        {"CRDTMERGE_DATA_DIR": "/x", "CRDTMERGE_FETCH_BATCH_BYTES": "0"},
+        {"CRDTMERGE_DATA_DIR": "/x", "CRDTMERGE_FETCH_COMMIT_BYTES": "-1"},
         {"CRDTMERGE_DATA_DIR": "/x", "CRDTMERGE_PEERS": "ftp://nope"},
         {"CRDTMERGE_DATA_DIR": "/x", "CRDTMERGE_TOKEN": "short"},
         {"CRDTMERGE_DATA_DIR": "/x", "CRDTMERGE_LOG_JSON": "maybe"},
