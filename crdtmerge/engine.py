@@ -54,7 +54,7 @@ from .identity import Manifest, TensorHasher, contribution_metadata_header
 from .plan import MergePlan, TensorPlan, make_plan
 from .recipe import Recipe
 from .rng import CounterRNG, tensor_key
-from .strategies.base import TensorTask
+from .strategies.base import Stored, TensorTask
 from .tensors import StreamingWriter, TensorInfo, TensorSource, dtype_code, tensor_bytes
 
 __all__ = ["Contribution", "MergeResult", "hash_source", "merge", "plan_merge"]
@@ -266,8 +266,14 @@ class _Runner:
             * n_inputs
             * _itemsize(t.compute_dtype)
             for t in plan.tensors
+            if not self._stored(t)
         }
-        self.budget = max([_MIN_BUDGET_BYTES, *self._cost.values()])
+        # a tensor merged from its stored inputs holds only its result (plus cache-sized
+        # chunks): two of the largest may run at once, each on one core
+        stored = {t.name: 2 * t.numel * _itemsize(t.compute_dtype) for t in plan.tensors}
+        stored = {k: v for k, v in stored.items() if k not in self._cost}
+        self.budget = max([_MIN_BUDGET_BYTES, *self._cost.values(), *stored.values()])
+        self._cost.update({k: v // 2 for k, v in stored.items()})
         self.roots = tuple(plan.roots)
 
     # -- scheduling ---------------------------------------------------------------------------
@@ -326,12 +332,7 @@ class _Runner:
         if rows is not None:
             t = t[rows[0] : rows[1]]  # a view of the mapping: only these rows are read
         t = t.to(device=self.device, dtype=dtype)
-        # NaN/Inf policy: reject. A sum is one cheap pass and is non-finite whenever an element
-        # is; only then (or on an overflowing sum) is the exact element-wise test run.
-        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-            raise InvalidInput(
-                f"tensor {name!r} in {label} contains NaN or Inf; inputs must be finite"
-            )
+        _check_finite(t, name, label)
         return t
 
     def _task(self, tp: TensorPlan, stats: Any, rows: tuple[int, int] | None = None) -> TensorTask:
@@ -368,12 +369,53 @@ class _Runner:
             num_layers=plan.num_layers,
         )
 
+    def _stored(self, tp: TensorPlan) -> bool:
+        """Whether ``tp`` is merged by the strategy's ``merge_stored`` (see :class:`Stored`)."""
+        spec = self.plan.spec
+        return (
+            tp.merged
+            and spec.merge_stored is not None
+            and spec.uses_stored is not None
+            and bool(spec.uses_stored(tp.params))
+            and self.plan.base is not None
+            and tp.compute_dtype == torch.float32
+            and self.device.type == "cpu"
+            and not tp.side_any
+        )
+
+    def _stored_task(self, tp: TensorPlan) -> TensorTask:
+        plan = self.plan
+        assert plan.base is not None
+        labelled = [(plan.base, "the base")] + [
+            (c.source, f"contribution {c.root.hex()[:16]}") for c in plan.contributions
+        ]
+        flat = []
+        for source, label in labelled:
+            t = source.tensor(tp.name).reshape(-1)
+            _check_finite(t, tp.name, label)
+            flat.append(t)
+        return TensorTask(
+            name=tp.name,
+            base=None,
+            inputs=(),
+            params=tp.params,
+            model_params=tp.model_params,
+            rng=CounterRNG(tensor_key(plan.seed, tp.name)),
+            streams=self.roots,
+            layer=tp.layer,
+            num_layers=plan.num_layers,
+            stored=Stored(flat[0], tuple(flat[1:]), tp.shape, tp.compute_dtype, tp.out_dtype),
+        )
+
     def _merge_one(self, tp: TensorPlan, stats: Any) -> torch.Tensor:
         if not tp.merged:
             src = (
                 self.plan.base if self.plan.base is not None else self.plan.contributions[0].source
             )
             return src.tensor(tp.name)
+        if self._stored(tp):
+            assert self.plan.spec.merge_stored is not None
+            return self._checked(self.plan.spec.merge_stored(self._stored_task(tp)), tp.shape, tp)
         blocks = self._blocks(tp)
         if blocks is None:
             return self._checked(self.plan.spec.merge(self._task(tp, stats)), tp.shape, tp)
@@ -480,6 +522,13 @@ class _torch_threads:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self.saved)
+
+
+def _check_finite(t: torch.Tensor, name: str, label: str) -> None:
+    """NaN/Inf policy: reject. A sum is one cheap pass and is non-finite whenever an element
+    is; only then (or on an overflowing sum) is the exact element-wise test run."""
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        raise InvalidInput(f"tensor {name!r} in {label} contains NaN or Inf; inputs must be finite")
 
 
 def _itemsize(dtype: torch.dtype) -> int:

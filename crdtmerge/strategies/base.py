@@ -35,6 +35,7 @@ __all__ = [
     "REQUIRED",
     "Determinism",
     "ParamSpec",
+    "Stored",
     "StrategySpec",
     "TensorTask",
 ]
@@ -122,6 +123,38 @@ class ParamSpec:
         }
 
 
+@dataclass(frozen=True)
+class Stored:
+    """One tensor name's inputs as stored (e.g. bfloat16), for a strategy that upcasts them
+    chunk by chunk (:attr:`StrategySpec.merge_stored`) instead of receiving whole upcast copies.
+
+    Attributes:
+        base: the base tensor, flat, in its stored dtype (read-only: a view of the mapping).
+        inputs: the contributions' tensors, flat, stored dtypes, canonical order.
+        shape: the tensor's shape (the result must have it).
+        dtype: the compute dtype (float32): every chunk is converted to it before any arithmetic,
+            so the bits equal those of the whole-tensor path.
+        out_dtype: the dtype the engine writes; the strategy may return its result already
+            cast to it (chunk by chunk: the same bits as one cast of the whole result).
+
+    The engine has checked every tensor here for NaN/Inf before the strategy runs.
+    """
+
+    base: torch.Tensor
+    inputs: Sequence[torch.Tensor]
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    out_dtype: torch.dtype = torch.float32
+
+    def base_at(self, start: int, stop: int) -> torch.Tensor:
+        """``base[start:stop]`` in the compute dtype (a view when it is stored so)."""
+        return self.base[start:stop].to(self.dtype)
+
+    def input_at(self, i: int, start: int, stop: int) -> torch.Tensor:
+        """``inputs[i][start:stop]`` in the compute dtype (a view when it is stored so)."""
+        return self.inputs[i][start:stop].to(self.dtype)
+
+
 @dataclass
 class TensorTask:
     """Everything a strategy sees for one tensor name.
@@ -140,6 +173,8 @@ class TensorTask:
         stats: the value ``reduce`` returned in the pre-pass (global strategies), else None.
         layer: the layer index parsed from the name (None for non-layer tensors).
         num_layers: the number of layers of the model (0 when unknown).
+        stored: for :attr:`StrategySpec.merge_stored` only: the stored inputs (``base`` is then
+            None and ``inputs`` empty).
     """
 
     name: str
@@ -153,6 +188,7 @@ class TensorTask:
     stats: Any = None
     layer: int | None = None
     num_layers: int = 0
+    stored: Stored | None = None
 
     @property
     def weights(self) -> list[float]:
@@ -190,8 +226,10 @@ class StrategySpec:
         wants_prepass: given the recipe's global parameters, whether the pre-pass must run
             (None: whenever ``observe`` is set); lets a strategy with a per-tensor default
             (e.g. TIES ``trim_scope="tensor"``) skip the extra read. See :meth:`needs_prepass`.
-        matrix_only: documentation flag: 2-D tensors get the special treatment, others fall
-            back to the documented simple rule.
+        merge_stored: the same merge computed from :class:`Stored` inputs (``task.stored``),
+            upcasting chunk by chunk: no whole upcast copy of any input exists. Must give the
+            bits of ``merge``. Used when ``uses_stored(params)`` (this tensor's parameters) is
+            true and the compute dtype is float32.
     """
 
     name: str
@@ -208,6 +246,8 @@ class StrategySpec:
     reduce: ReduceFn | None = None
     wants_prepass: Callable[[Mapping[str, Any]], bool] | None = None
     references: tuple[str, ...] = field(default=())
+    merge_stored: MergeFn | None = None
+    uses_stored: Callable[[Mapping[str, Any]], bool] | None = None
 
     @property
     def all_params(self) -> tuple[ParamSpec, ...]:

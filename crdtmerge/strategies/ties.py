@@ -97,35 +97,83 @@ def _fusable(task: TensorTask) -> bool:
 
 
 def _ties_streamed(task: TensorTask) -> torch.Tensor:
+    """The per-tensor float32 TIES from whole float32 inputs (see :func:`_ties_chunked`)."""
+    assert task.base is not None
+    base = task.base.contiguous().reshape(-1)
+    xs = [x.contiguous().reshape(-1) for x in task.inputs]
+    return _ties_chunked(
+        task, task.base.shape, base, xs, lambda a, b: base[a:b], lambda i, a, b: xs[i][a:b]
+    )
+
+
+def ties_stored(task: TensorTask) -> torch.Tensor:
+    """:func:`ties` from the stored inputs (e.g. bfloat16), each chunk upcast on the way."""
+    st = task.stored
+    assert st is not None
+    return _ties_chunked(
+        task, st.shape, st.base, st.inputs, st.base_at, st.input_at, out_dtype=st.out_dtype
+    )
+
+
+def uses_stored(params: Mapping[str, Any]) -> bool:
+    """The engine may hand :func:`ties_stored` the stored inputs (per-tensor trim only)."""
+    return (
+        params.get("trim_scope", "tensor") == "tensor"
+        and not params["rescale"]
+        and sys.byteorder == "little"
+    )
+
+
+def _ties_chunked(
+    task: TensorTask,
+    shape: Sequence[int],
+    base: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    base_at: Callable[[int, int], torch.Tensor],
+    input_at: Callable[[int, int, int], torch.Tensor],
+    *,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The per-tensor float32 TIES without materialised task vectors, bit-identical to
     :func:`gta_merge` with :func:`_prune_magnitude`.
 
-    Each task vector is recomputed chunk by chunk (``x_i - base`` is elementwise, so a chunk
-    equals the same slice of the whole), once for the histograms of its cut and once for the
-    election and disjoint merge; every temporary stays in the CPU cache.
+    ``base_at(a, b)`` / ``input_at(i, a, b)`` give float32 elements ``a .. b - 1`` of the flat
+    base / input ``i``; ``base`` and ``inputs`` are the same tensors in any float dtype (the
+    base is added last; both are sampled for the cuts' brackets). Each task
+    vector is recomputed chunk by chunk (``x_i - base`` is elementwise, so a chunk equals the
+    same slice of the whole), once for the histograms of its cut and once for the election and
+    disjoint merge; every temporary stays in the CPU cache.
     """
-    assert task.base is not None
-    shape = task.base.shape
-    base = task.base.contiguous().reshape(-1)
-    xs = [x.contiguous().reshape(-1) for x in task.inputs]
     n = base.numel()
+    flat = [base.reshape(-1), *(x.reshape(-1) for x in inputs)]
+
+    def sample_at(i: int | None, step: int) -> torch.Tensor:
+        return flat[0 if i is None else i + 1][::step].to(torch.float32)
+
     cuts: list[sp.Cut | None] = []
-    for i, x in enumerate(xs):
+    for i in range(len(task.model_params)):
         k = sp.topk_count(n, float(task.model_params[i]["density"]))
         if k >= n:
             cuts.append(None)
         elif k <= 0:
             cuts.append(sp.Cut(torch.tensor(float("inf")), n))
         else:
-            cuts.append(sp.chunked_cut(lambda a, b, x=x: x[a:b] - base[a:b], n, k))
-    out = torch.empty(n, dtype=torch.float32)
+            cuts.append(
+                sp.chunked_cut(
+                    lambda a, b, i=i: input_at(i, a, b) - base_at(a, b),
+                    n,
+                    k,
+                    sample=lambda step, i=i: sample_at(i, step) - sample_at(None, step),
+                )
+            )
+    out = torch.empty(n, dtype=out_dtype)  # cast chunk by chunk when it is not float32
 
     def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
-        b = base[start:stop]
-        ds = [x[start:stop] - b for x in xs]
+        b = base_at(start, stop)
+        ds = [input_at(i, start, stop) - b for i in range(len(cuts))]
         for d, cut in zip(ds, cuts, strict=True):
             if cut is not None:
-                d.masked_fill_(cut.top(d, start).logical_not_(), 0.0)
+                sp.zero_unkept(d, cut.keep_np(sp.mag_bits(d), start))
         return ds
 
     sp.combine_into(
@@ -137,7 +185,7 @@ def _ties_streamed(task: TensorTask) -> torch.Tensor:
         lambda_=float(task.params["lambda"]),
         base=base,
     )
-    return out.view(shape)
+    return out.view(tuple(shape))
 
 
 def observe_magnitudes(task: TensorTask) -> list[dict[str, Any]] | None:
@@ -219,6 +267,8 @@ TIES = StrategySpec(
     reduce=reduce_thresholds,
     wants_prepass=model_scope_requested,
     references=("https://arxiv.org/abs/2306.01708",),
+    merge_stored=ties_stored,
+    uses_stored=uses_stored,
 )
 
 SPECS: tuple[StrategySpec, ...] = (TIES,)

@@ -348,3 +348,22 @@ def test_blockwise_merge_of_elementwise_strategies_is_bit_identical(
     monkeypatch.setattr(engine, "_BLOCK_ELEMENTS", 40)  # blocks of 2-3 rows of 16
     blocked = merge(recipe, fts, out=tmp_path / "blocked.safetensors", **kw)
     assert blocked.root == whole.root
+
+
+def test_nan_in_a_stored_input_is_rejected(tmp_path: Path) -> None:
+    """TIES reads bfloat16 inputs as stored (no upcast copy); a NaN there is still found."""
+    base = {"w": torch.linspace(-1, 1, 4096).reshape(64, 64).bfloat16()}
+    good = {"w": (base["w"].float() + 0.01).bfloat16()}
+    bad = {"w": good["w"].clone()}
+    bad["w"][5, 7] = float("inf")
+    base_path = _save(tmp_path, "base", base)
+    root = hash_tensors(open_tensors(base_path)).root
+    recipe = _recipe("ties", {"density": 0.5}, root)
+    _fail(
+        tmp_path / "1",
+        InvalidInput,
+        "tensor 'w' in contribution .* NaN or Inf",
+        recipe,
+        [_contrib(_save(tmp_path, "good", good)), _contrib(_save(tmp_path, "bad", bad))],
+        base=open_tensors(base_path),
+    )

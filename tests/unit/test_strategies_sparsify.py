@@ -66,7 +66,8 @@ def merge(name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
 
 def exact(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape
-    assert a.numpy().tobytes() == b.numpy().tobytes(), f"{a} != {b}"
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    assert torch.equal(a.view(bits), b.view(bits)), f"{a} != {b}"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -559,3 +560,127 @@ def test_ties_model_scope_through_the_engine(tmp_path: Any) -> None:
     k = int(0.3 * sum(base[n].numel() for n in names))
     assert 2 * k <= kept <= 2 * k * 1.01 + 2
     assert out.root == hash_tensors(merged).root
+
+
+# ------------------------------------------------------ chunked kernels against plain references
+
+
+def _old_disjoint(deltas: list[torch.Tensor], weights: list[float], method: str, normalize: bool):
+    """TIES election + disjoint merge written plainly (float sign, bool agreement masks)."""
+    weighted = [d * w if w != 1.0 else d.clone() for d, w in zip(deltas, weights, strict=True)]
+    if method == "sum":
+        vote = weighted[0].clone()
+        for x in weighted[1:]:
+            vote += x
+    else:
+        vote = torch.sign(weighted[0])
+        for x in weighted[1:]:
+            vote += torch.sign(x)
+    majority = torch.sign(vote)
+    majority[majority == 0] = 1.0
+    mixed = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0])
+    for i, (x, w) in enumerate(zip(weighted, weights, strict=True)):
+        agree_part = (x * majority).clamp(min=0.0)
+        mixed = agree_part.clone() if i == 0 else mixed + agree_part
+        divisor += (agree_part > 0).to(x.dtype) * w
+    mixed = mixed * majority
+    if normalize:
+        divisor[divisor == 0] = 1.0
+        mixed = mixed / divisor
+    return mixed
+
+
+@pytest.mark.usefixtures("chunk")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_combine_equals_a_plain_election_and_disjoint_merge(dtype: torch.dtype) -> None:
+    rng = np.random.Generator(np.random.PCG64(5))
+    for trial in range(40):
+        n = int(rng.integers(1, 400))
+        deltas = []
+        for _ in range(int(rng.integers(1, 5))):
+            x = np.round(rng.standard_normal(n) * 2) / 2  # many zeros and exact cancellations
+            x[rng.random(n) < 0.1] = -0.0
+            deltas.append(torch.from_numpy(x).to(dtype))
+        unit = trial % 2 == 0
+        weights = (
+            [1.0] * len(deltas)
+            if unit
+            else [float(w) for w in rng.choice([-1, 0, 0.5, 2], len(deltas))]
+        )
+        method = ["sum", "count"][trial % 3 == 0]
+        normalize = trial % 5 != 1
+        expected = _old_disjoint(deltas, weights, method, normalize)
+        got = sp.combine(
+            None,
+            [d.clone() for d in deltas],
+            weights,
+            consensus=method,
+            normalize=normalize,
+            lambda_=1.0,
+        )
+        exact(got, expected)
+
+
+@pytest.mark.usefixtures("chunk")
+def test_bracketed_cut_equals_the_radix_select(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampled bracket is exact whatever the sample: a wrong sample only costs the
+    fallback."""
+    monkeypatch.setattr(_topk, "_SAMPLE", 16)
+    rng = np.random.Generator(np.random.PCG64(8))
+    for trial in range(40):
+        n = int(rng.integers(64, 3000))
+        if trial % 3 == 0:
+            x = np.round(rng.standard_normal(n) * 4) / 8  # heavy ties at the threshold
+        elif trial % 3 == 1:
+            x = rng.standard_normal(n) * np.exp(rng.standard_normal(n) * 3)
+        else:
+            x = np.zeros(n)
+            x[rng.integers(0, n, 5)] = 1.0  # almost all zero
+        t = torch.from_numpy(x.astype(np.float32))
+        k = int(rng.integers(1, n))
+        expected = sp.topk_mask(t.abs(), k)
+
+        samples = [
+            lambda step, t=t: t[::step],
+            lambda step, n=n: torch.zeros(max(1, n // step)),  # says nothing true about t
+            lambda step, t=t: t[::step] * 100.0,
+        ]
+        for sample in samples:
+            cut = sp.chunked_cut(lambda a, b, t=t: t[a:b], n, k, sample=sample)
+            assert torch.equal(cut.top(t, 0), expected), trial
+            bits = sp.mag_bits(t)
+            assert np.array_equal(cut.keep_np(bits, 0), expected.numpy()), trial
+
+
+@pytest.mark.usefixtures("chunk")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_stored_ties_equals_the_upcast_path(
+    out_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TIES from bfloat16/float16 inputs as stored, upcast chunk by chunk, gives the bits of
+    the whole-tensor path (bracketed cuts forced on by a small sample size)."""
+    from crdtmerge.strategies import ties as ties_module
+    from crdtmerge.strategies.base import Stored
+
+    monkeypatch.setattr(_topk, "_SAMPLE", 8)
+    rng = np.random.Generator(np.random.PCG64(17))
+    for trial in range(16):
+        n = int(rng.integers(1, 500))
+        base = rng.standard_normal(n)
+        dtypes = [torch.bfloat16, torch.float16, torch.float32]
+        stored = [torch.from_numpy(base.astype(np.float32)).to(torch.bfloat16)]
+        for i in range(3):
+            x = base + np.round(rng.standard_normal(n) * 8) / 64
+            stored.append(torch.from_numpy(x.astype(np.float32)).to(dtypes[(trial + i) % 3]))
+        params = {"sign_method": ["sum", "count"][trial % 2], "lambda": [1.0, 0.7][trial % 3 == 0]}
+        model = [{"density": float(d)} for d in rng.choice([0.0, 0.2, 0.5, 0.9, 1.0], 3)]
+        weights = [1.0] * 3 if trial % 2 else [float(w) for w in rng.random(3) * 2 - 0.5]
+        up = [s.float() for s in stored]
+        spec, task = make("ties", up[0], up[1:], params, model, weights)
+        expected = spec.merge(task).to(out_dtype)
+        task.base, task.inputs = None, ()
+        task.stored = Stored(stored[0], stored[1:], (n,), torch.float32, out_dtype)
+        assert spec.uses_stored is not None and spec.uses_stored(task.params)
+        got = ties_module.ties_stored(task).to(out_dtype)
+        exact(got, expected)
