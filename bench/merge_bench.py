@@ -10,7 +10,8 @@ Hugging Face layout (two ~200 MB shards + index + config.json) under ``bench/dat
 hidden 1024, intermediate 4096, 8 layers, untied lm_head; fine-tune = base + 1e-3 x (0.5 x shared
 noise + own noise). Then runs every method with mergekit (``mergekit-yaml``) and with
 ``crdtmerge merge`` from the same mergekit-style YAML, in the same run, one after the other,
-inputs warm in the page cache. Wall time is measured around the child process; peak RSS is the
+inputs warm in the page cache, after an ``os.sync()`` (so no child pays for writing back the
+previous one's output). Wall time is measured around the child process; peak RSS is the
 child's ``ru_maxrss`` from ``wait4``. For deterministic methods the outputs are compared tensor
 by tensor (max |difference| in float32 and the fraction of differing elements).
 
@@ -228,6 +229,8 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float,
     """(wall seconds, peak RSS bytes, stdout, CPU seconds user+sys) of one child process."""
     import tempfile
 
+    # the previous child's output (400 MB) must not be written back during this one's timing
+    os.sync()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
@@ -377,7 +380,8 @@ def render(results: list[dict], repeat: int, startup: dict) -> str:
         "(includes hashing every input and the output). Wall = min over runs, including process "
         "start-up (mergekit ~6 s of imports); CPU = the child's user + system time (less "
         "sensitive than wall time to other load on the machine); peak RSS = the child's "
-        "`ru_maxrss`. Inputs warm in the page cache; 2 cores. "
+        "`ru_maxrss`. Inputs warm in the page cache, `os.sync()` before each child (no run "
+        "pays for the previous one's write-back); 2 cores. "
         f"Load average at the start of this run: {startup.get('load', '?')}.",
         "",
     ]

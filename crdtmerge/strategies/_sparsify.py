@@ -285,10 +285,15 @@ def rank_drop(
     u = Uniforms(task, i, n)
     before = l1_norm(delta) if rescale == "l1" else 0.0
     step = max(1, CHUNK // cols)
+    fast = delta.dtype == torch.float32 and delta.is_contiguous() and delta.device.type == "cpu"
     for r0 in range(0, rows.shape[0], step):
         block = rows[r0 : r0 + step]
         p = rank_keep_prob(block, density, epsilon)
-        block.masked_fill_(u(r0 * cols, r0 * cols + block.numel()).view_as(p) >= p, 0.0)
+        draws = u(r0 * cols, r0 * cols + block.numel())
+        if fast:  # the same test on numpy, applied as an AND of the bits (see zero_unkept)
+            zero_unkept(block, np.less(draws.numpy(), p.reshape(-1).numpy()))
+        else:
+            block.masked_fill_(draws.view_as(p) >= p, 0.0)
         if rescale == "inverse":
             block /= p.to(block.dtype)
     if rescale == "l1":
@@ -322,12 +327,21 @@ def rank_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch
         order = torch.from_numpy(keys)
     else:
         order = torch.sort(rows, dim=1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, dtype=order.dtype).expand_as(order))
-    r = ranks.to(torch.float32) / torch.tensor(float(cols - 1), dtype=torch.float32)
-    lo = torch.tensor(density - epsilon, dtype=torch.float32)
-    p = lo + r * torch.tensor(2.0 * epsilon, dtype=torch.float32)
+    # p depends on the rank alone: the table of p by rank, placed at each entry's column
+    table = _keep_prob_table(cols, density, epsilon)
+    p = torch.empty(order.shape, dtype=torch.float32)
+    p.scatter_(1, order, table.expand(order.shape))
     return p.reshape(delta.shape)
+
+
+def _keep_prob_table(cols: int, density: float, epsilon: float) -> torch.Tensor:
+    """``p`` for ranks ``0 .. cols - 1``: ``r = rank / (cols - 1)``,
+    ``p = (density - epsilon) + r * (2 epsilon)``, float32, each step rounded as written."""
+    r = torch.arange(cols, dtype=torch.int64).to(torch.float32) / torch.tensor(
+        float(cols - 1), dtype=torch.float32
+    )
+    lo = torch.tensor(density - epsilon, dtype=torch.float32)
+    return lo + r * torch.tensor(2.0 * epsilon, dtype=torch.float32)
 
 
 def apply_mask(

@@ -195,9 +195,9 @@ def zero_unkept(c: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
     all-zeros word (``masked_fill_`` with a random mask mispredicts a branch per element and
     runs ~20x slower). ``c`` is a contiguous float32 CPU chunk; ``keep`` a numpy bool array
     (consumed). Returns ``c``."""
-    ones = keep.view(np.int8)
+    ones = keep.reshape(-1).view(np.int8)
     np.negative(ones, out=ones)  # 1 -> -1 (all bits set), 0 -> 0
-    bits = c.numpy().view(np.int32)
+    bits = c.view(-1).numpy().view(np.int32)
     np.bitwise_and(bits, ones, out=bits)
     return c
 

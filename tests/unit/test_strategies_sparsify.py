@@ -684,3 +684,14 @@ def test_stored_ties_equals_the_upcast_path(
         assert spec.uses_stored is not None and spec.uses_stored(task.params)
         got = ties_module.ties_stored(task).to(out_dtype)
         exact(got, expected)
+
+
+def test_della_drop_equals_the_masked_fill_definition() -> None:
+    """rank_drop's float32 path (numpy test, AND of bits) drops what ``u >= p`` says."""
+    rng = np.random.Generator(np.random.PCG64(4))
+    x = torch.from_numpy((np.round(rng.standard_normal((300, 64)) * 8) / 8).astype(np.float32))
+    spec, task = make("della", torch.zeros_like(x), [x], {"rescale": False}, {"density": 0.5})
+    u = sp.Uniforms(task, 0, x.numel())(0, x.numel()).view_as(x)
+    expected = x.clone().masked_fill_(u >= sp.rank_keep_prob(x, 0.5, 0.1), 0.0)
+    exact(sp.rank_drop(task, 0, x.clone(), 0.5, 0.1, None), expected)
+    exact(sp.rank_drop(task, 0, x.double(), 0.5, 0.1, None), expected.double())
