@@ -40,8 +40,10 @@ import os
 import reprlib
 import struct
 import tempfile
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -66,6 +68,7 @@ __all__ = [
     "itemsize",
     "open_tensors",
     "parse_header",
+    "release_pages",
     "tensor_bytes",
     "torch_dtype",
     "write_tensors",
@@ -437,6 +440,8 @@ class _FileSource(TensorSource):
         flat = torch.frombuffer(
             private, dtype=dt.torch, count=info.nbytes // dt.itemsize, offset=delta
         )
+        addr = flat.data_ptr() - delta
+        _MAPPINGS[addr] = (weakref.ref(private, partial(_forget, addr)), delta + info.nbytes)
         return flat.reshape(info.shape)
 
     def close(self) -> None:
@@ -448,6 +453,41 @@ class _FileSource(TensorSource):
             os.close(shard.fd)
         self._shards = []
         super().close()
+
+
+#: start address -> (the private file mapping behind a tensor from TensorSource.tensor, its
+#: length); an entry leaves when its mapping is freed
+_MAPPINGS: dict[int, tuple[weakref.ref[mmap.mmap], int]] = {}
+
+
+def _forget(addr: int, ref: weakref.ref[mmap.mmap]) -> None:
+    entry = _MAPPINGS.get(addr)
+    if entry is not None and entry[0] is ref:  # not a newer mapping at a reused address
+        _MAPPINGS.pop(addr, None)
+
+
+def release_pages(t: torch.Tensor, start: int, stop: int) -> None:
+    """Let go of this process's resident pages holding elements ``start .. stop - 1`` of the
+    flat ``t`` when ``t`` is a read-only file mapping made by :meth:`TensorSource.tensor`
+    (a no-op for any other tensor). The values stay valid: the next access maps the pages
+    again from the page cache. Lets a pass over a large mapped input keep only a window of
+    it resident. Only whole pages inside the range are released.
+    """
+    if stop <= start:
+        return
+    lo = t.data_ptr() + start * t.element_size()
+    hi = t.data_ptr() + stop * t.element_size()
+    for addr, (ref, length) in list(_MAPPINGS.items()):
+        mm = ref()
+        if mm is None:
+            continue
+        if addr <= lo and hi <= addr + length:
+            page = mmap.PAGESIZE
+            first = -(-(lo - addr) // page) * page
+            last = (hi - addr) // page * page
+            if last > first:
+                mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
 
 
 @dataclass(frozen=True)

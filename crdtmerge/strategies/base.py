@@ -30,6 +30,7 @@ import torch
 
 from ..errors import InvalidRecipe
 from ..rng import CounterRNG
+from ..tensors import release_pages
 
 __all__ = [
     "REQUIRED",
@@ -137,7 +138,9 @@ class Stored:
         out_dtype: the dtype the engine writes; the strategy may return its result already
             cast to it (chunk by chunk: the same bits as one cast of the whole result).
 
-    The engine has checked every tensor here for NaN/Inf before the strategy runs.
+    The engine has checked every tensor here for NaN/Inf before the strategy runs. Reading
+    through the methods below keeps little of a file-mapped input resident: a pass moving
+    forward releases the pages it has left behind (:func:`~crdtmerge.tensors.release_pages`).
     """
 
     base: torch.Tensor
@@ -145,14 +148,36 @@ class Stored:
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     out_dtype: torch.dtype = torch.float32
+    _marks: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     def base_at(self, start: int, stop: int) -> torch.Tensor:
         """``base[start:stop]`` in the compute dtype (a view when it is stored so)."""
-        return self.base[start:stop].to(self.dtype)
+        return self._read(-1, self.base, start, stop)
 
     def input_at(self, i: int, start: int, stop: int) -> torch.Tensor:
         """``inputs[i][start:stop]`` in the compute dtype (a view when it is stored so)."""
-        return self.inputs[i][start:stop].to(self.dtype)
+        return self._read(i, self.inputs[i], start, stop)
+
+    def sample(self, i: int | None, step: int) -> torch.Tensor:
+        """Elements ``0, step, 2 step, ...`` of input ``i`` (None: the base), compute dtype."""
+        t = self.base if i is None else self.inputs[i]
+        out = t[::step].to(self.dtype, copy=True)
+        release_pages(t, 0, t.numel())
+        return out
+
+    def _read(self, key: int, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        mark = self._marks.get(key, 0)
+        if start < mark:  # a new pass from the start
+            mark = 0
+        elif (start - mark) * t.element_size() >= _RELEASE_BYTES:
+            release_pages(t, mark, start)
+            mark = start
+        self._marks[key] = mark
+        return t[start:stop].to(self.dtype)
+
+
+#: a forward pass over a file-mapped input releases what it has read in steps of this size
+_RELEASE_BYTES = 8 << 20
 
 
 @dataclass

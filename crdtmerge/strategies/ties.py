@@ -102,7 +102,12 @@ def _ties_streamed(task: TensorTask) -> torch.Tensor:
     base = task.base.contiguous().reshape(-1)
     xs = [x.contiguous().reshape(-1) for x in task.inputs]
     return _ties_chunked(
-        task, task.base.shape, base, xs, lambda a, b: base[a:b], lambda i, a, b: xs[i][a:b]
+        task,
+        task.base.shape,
+        base,
+        lambda a, b: base[a:b],
+        lambda i, a, b: xs[i][a:b],
+        lambda i, step: (base if i is None else xs[i])[::step],
     )
 
 
@@ -111,7 +116,7 @@ def ties_stored(task: TensorTask) -> torch.Tensor:
     st = task.stored
     assert st is not None
     return _ties_chunked(
-        task, st.shape, st.base, st.inputs, st.base_at, st.input_at, out_dtype=st.out_dtype
+        task, st.shape, st.base, st.base_at, st.input_at, st.sample, out_dtype=st.out_dtype
     )
 
 
@@ -128,9 +133,9 @@ def _ties_chunked(
     task: TensorTask,
     shape: Sequence[int],
     base: torch.Tensor,
-    inputs: Sequence[torch.Tensor],
     base_at: Callable[[int, int], torch.Tensor],
     input_at: Callable[[int, int, int], torch.Tensor],
+    sample_at: Callable[[int | None, int], torch.Tensor],
     *,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -138,18 +143,14 @@ def _ties_chunked(
     :func:`gta_merge` with :func:`_prune_magnitude`.
 
     ``base_at(a, b)`` / ``input_at(i, a, b)`` give float32 elements ``a .. b - 1`` of the flat
-    base / input ``i``; ``base`` and ``inputs`` are the same tensors in any float dtype (the
-    base is added last; both are sampled for the cuts' brackets). Each task
+    base / input ``i``, ``sample_at(i, step)`` every ``step``-th element of input ``i`` (None:
+    the base) for the cuts' brackets; ``base`` is the flat base in any float dtype (added
+    last). Each task
     vector is recomputed chunk by chunk (``x_i - base`` is elementwise, so a chunk equals the
     same slice of the whole), once for the histograms of its cut and once for the election and
     disjoint merge; every temporary stays in the CPU cache.
     """
     n = base.numel()
-    flat = [base.reshape(-1), *(x.reshape(-1) for x in inputs)]
-
-    def sample_at(i: int | None, step: int) -> torch.Tensor:
-        return flat[0 if i is None else i + 1][::step].to(torch.float32)
-
     cuts: list[sp.Cut | None] = []
     for i in range(len(task.model_params)):
         k = sp.topk_count(n, float(task.model_params[i]["density"]))

@@ -453,3 +453,37 @@ def test_write_failures_are_storage_errors(tmp_path: Path) -> None:
         write_tensors(tmp_path / "a-file" / "m.safetensors", {"w": torch.ones(1)})
     with pytest.raises(StorageError, match="cannot write"):
         StreamingWriter(tmp_path / "a-file" / "out", [TensorInfo("w", "U8", (1,), 1)])
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_release_pages_drops_resident_pages_and_keeps_the_values(tmp_path: Path) -> None:
+    import gc
+
+    from crdtmerge import tensors as tensors_module
+    from crdtmerge.tensors import release_pages
+
+    values = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
+    path = tmp_path / "big.safetensors"
+    write_tensors(path, {"w": values})
+    with open_tensors(path) as src:
+        t = src.tensor("w")
+        before = _rss_file_kib()
+        assert float(t.sum(dtype=torch.float64)) == float(values.sum(dtype=torch.float64))
+        touched = _rss_file_kib()
+        assert touched - before > 48 << 10  # the pass made the mapping resident
+        release_pages(t, 0, t.numel())
+        assert touched - _rss_file_kib() > 48 << 10  # and released it
+        assert torch.equal(t, values)  # read again from the page cache
+        heap = values.clone()
+        release_pages(heap, 0, heap.numel())  # not a mapping: untouched
+        assert torch.equal(heap, values)
+        live = len(tensors_module._MAPPINGS)
+        del t
+        gc.collect()
+        assert len(tensors_module._MAPPINGS) == live - 1  # the entry left with its mapping
