@@ -55,7 +55,14 @@ from .plan import MergePlan, TensorPlan, make_plan
 from .recipe import Recipe
 from .rng import CounterRNG, tensor_key
 from .strategies.base import Stored, TensorTask
-from .tensors import StreamingWriter, TensorInfo, TensorSource, dtype_code, tensor_bytes
+from .tensors import (
+    StreamingWriter,
+    TensorInfo,
+    TensorSource,
+    dtype_code,
+    release_pages,
+    tensor_bytes,
+)
 
 __all__ = ["Contribution", "MergeResult", "hash_source", "merge", "plan_merge"]
 
@@ -377,7 +384,7 @@ class _Runner:
             and spec.merge_stored is not None
             and spec.uses_stored is not None
             and bool(spec.uses_stored(tp.params))
-            and self.plan.base is not None
+            and (self.plan.base is not None or not spec.needs_base)
             and tp.compute_dtype == torch.float32
             and self.device.type == "cpu"
             and not tp.side_any
@@ -385,15 +392,16 @@ class _Runner:
 
     def _stored_task(self, tp: TensorPlan) -> TensorTask:
         plan = self.plan
-        assert plan.base is not None
-        labelled = [(plan.base, "the base")] + [
-            (c.source, f"contribution {c.root.hex()[:16]}") for c in plan.contributions
-        ]
+        labelled = [(c.source, f"contribution {c.root.hex()[:16]}") for c in plan.contributions]
+        if plan.base is not None:
+            labelled.insert(0, (plan.base, "the base"))
         flat = []
         for source, label in labelled:
             t = source.tensor(tp.name).reshape(-1)
             _check_finite(t, tp.name, label)
+            release_pages(t, 0, t.numel())  # the strategy's passes map it again as they go
             flat.append(t)
+        base = flat.pop(0) if plan.base is not None else None
         return TensorTask(
             name=tp.name,
             base=None,
@@ -404,7 +412,7 @@ class _Runner:
             streams=self.roots,
             layer=tp.layer,
             num_layers=plan.num_layers,
-            stored=Stored(flat[0], tuple(flat[1:]), tp.shape, tp.compute_dtype, tp.out_dtype),
+            stored=Stored(base, tuple(flat), tp.shape, tp.compute_dtype, tp.out_dtype),
         )
 
     def _merge_one(self, tp: TensorPlan, stats: Any) -> torch.Tensor:

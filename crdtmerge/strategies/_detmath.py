@@ -195,12 +195,14 @@ def lastdim_sum(p: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Te
     return p.sum(dim=-1, dtype=dtype)
 
 
-def tiles2d(rows: int, width: int, size: int = TILE) -> list[Tile]:
-    """``(r0, r1, c0, c1)`` tiles of at most ``size`` elements covering a ``rows x width`` array.
+def tiles2d(rows: int, width: int, size: int | None = None) -> list[Tile]:
+    """``(r0, r1, c0, c1)`` tiles of at most ``size`` (default :data:`TILE`) elements covering a
+    ``rows x width`` array.
 
     Whole rows when a row is narrower than ``size``, else ``size``-wide pieces of one row: a
     loop over the tiles touches each element once, with temporaries of bounded size.
     """
+    size = TILE if size is None else size
     if width >= size:
         return [
             (r, r + 1, c0, min(width, c0 + size))

@@ -130,7 +130,8 @@ class Stored:
     chunk by chunk (:attr:`StrategySpec.merge_stored`) instead of receiving whole upcast copies.
 
     Attributes:
-        base: the base tensor, flat, in its stored dtype (read-only: a view of the mapping).
+        base: the base tensor, flat, in its stored dtype (read-only: a view of the mapping);
+            None when the recipe has no base.
         inputs: the contributions' tensors, flat, stored dtypes, canonical order.
         shape: the tensor's shape (the result must have it).
         dtype: the compute dtype (float32): every chunk is converted to it before any arithmetic,
@@ -143,7 +144,7 @@ class Stored:
     forward releases the pages it has left behind (:func:`~crdtmerge.tensors.release_pages`).
     """
 
-    base: torch.Tensor
+    base: torch.Tensor | None
     inputs: Sequence[torch.Tensor]
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
@@ -152,6 +153,8 @@ class Stored:
 
     def base_at(self, start: int, stop: int) -> torch.Tensor:
         """``base[start:stop]`` in the compute dtype (a view when it is stored so)."""
+        if self.base is None:
+            raise InvalidRecipe("this strategy needs a base model")
         return self._read(-1, self.base, start, stop)
 
     def input_at(self, i: int, start: int, stop: int) -> torch.Tensor:
@@ -161,9 +164,31 @@ class Stored:
     def sample(self, i: int | None, step: int) -> torch.Tensor:
         """Elements ``0, step, 2 step, ...`` of input ``i`` (None: the base), compute dtype."""
         t = self.base if i is None else self.inputs[i]
+        if t is None:
+            raise InvalidRecipe("this strategy needs a base model")
         out = t[::step].to(self.dtype, copy=True)
         release_pages(t, 0, t.numel())
         return out
+
+    def tile(
+        self, i: int | None, rows: int, width: int
+    ) -> Callable[[int, int, int, int], torch.Tensor]:
+        """``tile(r0, r1, c0, c1)``: ``x[r0:r1, c0:c1]`` in the compute dtype, ``x`` input ``i``
+        (None: the base) seen as ``rows x width``. A tile of whole rows or of one row is a flat
+        range and is read through :meth:`input_at` (so a forward pass releases what it left)."""
+        t = self.base if i is None else self.inputs[i]
+        if t is None:
+            raise InvalidRecipe("this strategy needs a base model")
+        key = -1 if i is None else i
+        grid = t.view(rows, width)
+
+        def read(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+            if r1 - r0 == 1 or (c0 == 0 and c1 == width):
+                flat = self._read(key, t, r0 * width + c0, (r1 - 1) * width + c1)
+                return flat.view(r1 - r0, c1 - c0)
+            return grid[r0:r1, c0:c1].to(self.dtype)
+
+        return read
 
     def _read(self, key: int, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         mark = self._marks.get(key, 0)

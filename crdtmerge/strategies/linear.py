@@ -18,6 +18,10 @@ Arithmetic: compute dtype, contributions accumulated in canonical order with pla
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 
 from ..errors import InvalidRecipe
@@ -30,20 +34,56 @@ __all__ = ["LINEAR", "SPECS", "TASK_ARITHMETIC", "linear", "task_arithmetic"]
 def linear(task: TensorTask) -> torch.Tensor:
     """Weighted average (``normalize``) or weighted sum of the inputs."""
     weights = task.weights
+    total = _linear_total(task)
     acc = task.inputs[0] * weights[0]
-    for x, w in zip(task.inputs[1:], weights[1:], strict=True):
-        acc += x * w
-    if task.params["normalize"]:
-        total = 0.0
-        for w in weights:
-            total += w
-        if total == 0.0:
-            raise InvalidRecipe(
-                f"tensor {task.name!r}: linear with normalize=true needs weights that do not "
-                f"sum to zero (got {weights}); set normalize=false or change the weights"
-            )
-        acc /= total
+    _accumulate(acc, task.inputs[1:], weights[1:], total)
     return acc
+
+
+def _linear_total(task: TensorTask) -> float | None:
+    """The divisor (``sum w_i`` in order) when ``normalize``, else None; a zero sum is refused."""
+    if not task.params["normalize"]:
+        return None
+    weights = task.weights
+    total = 0.0
+    for w in weights:
+        total += w
+    if total == 0.0:
+        raise InvalidRecipe(
+            f"tensor {task.name!r}: linear with normalize=true needs weights that do not "
+            f"sum to zero (got {weights}); set normalize=false or change the weights"
+        )
+    return total
+
+
+def _accumulate(
+    acc: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float], total: float | None
+) -> None:
+    """``acc += x_i * w_i`` in order, then ``acc /= total`` (when given), in place."""
+    for x, w in zip(xs, weights, strict=True):
+        acc += x * w
+    if total is not None:
+        acc /= total
+
+
+def linear_stored(task: TensorTask) -> torch.Tensor:
+    """:func:`linear` from the stored inputs, upcast and written chunk by chunk (same bits:
+    every operation is elementwise)."""
+    st = task.stored
+    assert st is not None
+    weights = task.weights
+    total = _linear_total(task)
+    n = math.prod(st.shape)
+    out = torch.empty(n, dtype=st.out_dtype)
+    acc = torch.empty(min(sp.CHUNK, n), dtype=st.dtype)
+    for start in range(0, n, sp.CHUNK):
+        stop = min(start + sp.CHUNK, n)
+        part = acc[: stop - start]
+        torch.mul(st.input_at(0, start, stop), weights[0], out=part)
+        rest = [st.input_at(i, start, stop) for i in range(1, len(weights))]
+        _accumulate(part, rest, weights[1:], total)
+        out[start:stop].copy_(part)
+    return out.view(st.shape)
 
 
 def task_arithmetic(task: TensorTask) -> torch.Tensor:
@@ -57,6 +97,34 @@ def task_arithmetic(task: TensorTask) -> torch.Tensor:
         normalize=bool(task.params["normalize"]),
         lambda_=float(task.params["lambda"]),
     )
+
+
+def task_arithmetic_stored(task: TensorTask) -> torch.Tensor:
+    """:func:`task_arithmetic` from the stored inputs: the task vectors are formed chunk by
+    chunk (``x_i - b`` is elementwise) and the result written in the output dtype."""
+    st = task.stored
+    assert st is not None and st.base is not None
+    n = math.prod(st.shape)
+    out = torch.empty(n, dtype=st.out_dtype)
+
+    def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
+        b = st.base_at(start, stop)
+        return [st.input_at(i, start, stop) - b for i in range(len(st.inputs))]
+
+    sp.combine_into(
+        out,
+        deltas_at,
+        task.weights,
+        consensus=None,
+        normalize=bool(task.params["normalize"]),
+        lambda_=float(task.params["lambda"]),
+        base=st.base,
+    )
+    return out.view(st.shape)
+
+
+def _always(params: Mapping[str, Any]) -> bool:
+    return True
 
 
 NORMALIZE_TRUE = ParamSpec(
@@ -76,6 +144,8 @@ LINEAR = StrategySpec(
     needs_base=False,
     min_models=1,
     references=("https://arxiv.org/abs/2203.05482",),
+    merge_stored=linear_stored,
+    uses_stored=_always,
 )
 
 TASK_ARITHMETIC = StrategySpec(
@@ -87,6 +157,8 @@ TASK_ARITHMETIC = StrategySpec(
     needs_base=True,
     min_models=1,
     references=("https://arxiv.org/abs/2212.04089",),
+    merge_stored=task_arithmetic_stored,
+    uses_stored=_always,
 )
 
 SPECS: tuple[StrategySpec, ...] = (LINEAR, TASK_ARITHMETIC)

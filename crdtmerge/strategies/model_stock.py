@@ -28,6 +28,10 @@ Determinism: ``exact``: float64 sums for the dot products and norms, angles from
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
 import torch
 
 from ..errors import InvalidRecipe
@@ -53,46 +57,76 @@ def _merge(task: TensorTask) -> torch.Tensor:
     if base is None:
         raise InvalidRecipe("model_stock needs a base model")
     xs = list(task.inputs)
-    filter_wise = bool(task.params["filter_wise"])
-    aggregation = str(task.params["aggregation"])
-    shape = base.shape
     if base.numel() == 0:
         return base.clone()
     if all(torch.equal(xs[0], x) for x in xs[1:]):
         return xs[0].clone()  # t = 1 and mean = x, up to rounding
-    if filter_wise:
-        b2 = base.reshape(-1, shape[-1] if base.dim() >= 1 else 1)
-    else:
-        b2 = base.reshape(1, -1)
-    x2 = [x.reshape(b2.shape) for x in xs]
-    t = stock_t(_aggregate_cos(b2, x2, aggregation), len(xs))
-    return _blend(t, b2, x2).reshape(shape)
+    rows, width = _grid(task, base.shape)
+    b2 = base.reshape(rows, width)
+    x2 = [x.reshape(rows, width) for x in xs]
+    tiles = [lambda r0, r1, c0, c1, x=x: x[r0:r1, c0:c1] for x in x2]
+    out = torch.empty_like(b2)
+    _stock(task, lambda r0, r1, c0, c1: b2[r0:r1, c0:c1], tiles, out, base.dtype)
+    return out.reshape(base.shape)
 
 
-def _offset_gram(b2: torch.Tensor, x2: list[torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
-    """Row-wise float64 dot products of the offsets ``d_i = x_i - b``: ``(i, j) -> (rows,)``.
+def _merge_stored(task: TensorTask) -> torch.Tensor:
+    """:func:`_merge` from the stored inputs, tile by tile: each tile is upcast on the way and
+    the result written in the output dtype (the same elementwise operations and the same
+    fixed-order sums, so the same bits)."""
+    st = task.stored
+    assert st is not None
+    if st.base is None:
+        raise InvalidRecipe("model_stock needs a base model")
+    if st.base.numel() == 0:
+        return torch.empty(st.shape, dtype=st.out_dtype)
+    if all(torch.equal(st.inputs[0], x) for x in st.inputs[1:]):
+        return st.inputs[0].to(st.dtype).to(st.out_dtype).view(st.shape)
+    rows, width = _grid(task, st.shape)
+    out = torch.empty(rows, width, dtype=st.out_dtype)
+    tiles = [st.tile(i, rows, width) for i in range(len(st.inputs))]
+    _stock(task, st.tile(None, rows, width), tiles, out, st.dtype)
+    return out.view(st.shape)
 
-    All the pairs (``i <= j``) in one pass over the inputs: each tile's offsets are formed in the
-    compute dtype (exactly as ``x - b`` would be) and reduced by :func:`._detmath.rowgram64`, so
-    the offsets never exist as whole tensors and every value equals ``rowdot64(d_i, d_j)``.
-    """
-    n = len(x2)
+
+def _grid(task: TensorTask, shape: Sequence[int]) -> tuple[int, int]:
+    """``rows x width`` of the per-row (``filter_wise``) or per-tensor ``t``."""
+    n = math.prod(shape)
+    if bool(task.params["filter_wise"]):
+        width = shape[-1] if len(shape) >= 1 else 1
+        return n // width, width
+    return 1, n
+
+
+Tile = Callable[[int, int, int, int], torch.Tensor]
+
+
+def _stock(
+    task: TensorTask, base: Tile, xs: Sequence[Tile], out: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """Model Stock of ``rows x width`` inputs given as tile readers (of the compute ``dtype``),
+    written into the ``rows x width`` ``out``."""
+    n = len(xs)
+    rows, width = out.shape
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
 
-    def load(r0: int, r1: int, c0: int, c1: int) -> list[torch.Tensor]:
-        b = b2[r0:r1, c0:c1]
-        return [x[r0:r1, c0:c1] - b for x in x2]
+    def offsets(r0: int, r1: int, c0: int, c1: int) -> list[torch.Tensor]:
+        b = base(r0, r1, c0, c1)
+        return [x(r0, r1, c0, c1) - b for x in xs]
 
-    gram = dm.rowgram64(load, n, pairs, b2.shape[0], b2.shape[1])
-    return {pair: gram[p] for p, pair in enumerate(pairs)}
+    # row-wise float64 dot products of the offsets d_i = x_i - b, all pairs in one pass
+    gram = dm.rowgram64(offsets, n, pairs, rows, width)
+    cos = _aggregate_cos({pair: gram[p] for p, pair in enumerate(pairs)}, n, rows, task)
+    _blend(stock_t(cos, n), base, xs, out, dtype)
 
 
-def _aggregate_cos(b2: torch.Tensor, x2: list[torch.Tensor], aggregation: str) -> torch.Tensor:
+def _aggregate_cos(
+    gram: dict[tuple[int, int], torch.Tensor], n: int, rows: int, task: TensorTask
+) -> torch.Tensor:
     """The aggregated cosine per row (float64), from the pairwise cosines of the offsets."""
-    n = len(x2)
-    gram = _offset_gram(b2, x2)
+    aggregation = str(task.params["aggregation"])
     norms = [torch.sqrt(gram[(i, i)]) for i in range(n)]
-    total = torch.zeros(b2.shape[0], dtype=torch.float64)
+    total = torch.zeros(rows, dtype=torch.float64)
     pairs = 0
     for i in range(n):
         for j in range(i + 1, n):
@@ -104,27 +138,38 @@ def _aggregate_cos(b2: torch.Tensor, x2: list[torch.Tensor], aggregation: str) -
     return dm.cos(mean) if aggregation == "angle" else mean
 
 
-def _blend(t: torch.Tensor, b2: torch.Tensor, x2: list[torch.Tensor]) -> torch.Tensor:
-    """``t * mean(x_i) + (1 - t) * b`` per row, in the compute dtype, tile by tile.
+def _blend(
+    t: torch.Tensor, base: Tile, xs: Sequence[Tile], out: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """``t * mean(x_i) + (1 - t) * b`` per row in ``dtype``, tile by tile, into ``out``.
 
     The same elementwise operations in the same order as on whole tensors (so the same bits),
-    accumulated in the output itself, with one tile-sized temporary instead of five
-    full-size tensors.
+    accumulated in the output itself (or, for another output dtype, in one reused tile that
+    is then cast into it).
     """
-    dtype = b2.dtype
     t_c = t.to(dtype).unsqueeze(-1)
     one_minus_t = (1.0 - t).to(dtype).unsqueeze(-1)
-    count = torch.tensor(float(len(x2)), dtype=dtype)
-    out = torch.empty_like(b2)
-    for r0, r1, c0, c1 in dm.tiles2d(*b2.shape):
-        acc = out[r0:r1, c0:c1]
-        torch.add(x2[0][r0:r1, c0:c1], x2[1][r0:r1, c0:c1], out=acc)
-        for x in x2[2:]:
-            acc += x[r0:r1, c0:c1]
+    count = torch.tensor(float(len(xs)), dtype=dtype)
+    rows, width = out.shape
+    tiles = dm.tiles2d(rows, width)
+    scratch = None
+    if out.dtype != dtype:
+        scratch = torch.empty(max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tiles), dtype=dtype)
+    for r0, r1, c0, c1 in tiles:
+        target = out[r0:r1, c0:c1]
+        acc = target if scratch is None else scratch[: target.numel()].view(target.shape)
+        torch.add(xs[0](r0, r1, c0, c1), xs[1](r0, r1, c0, c1), out=acc)
+        for x in xs[2:]:
+            acc += x(r0, r1, c0, c1)
         acc /= count
         acc *= t_c[r0:r1]
-        acc += one_minus_t[r0:r1] * b2[r0:r1, c0:c1]
-    return out
+        acc += one_minus_t[r0:r1] * base(r0, r1, c0, c1)
+        if scratch is not None:
+            target.copy_(acc)
+
+
+def _always(params: Mapping[str, Any]) -> bool:
+    return True
 
 
 SPECS: tuple[StrategySpec, ...] = (
@@ -147,5 +192,7 @@ SPECS: tuple[StrategySpec, ...] = (
         min_models=2,
         determinism="exact",
         references=("https://arxiv.org/abs/2403.19522", "https://github.com/arcee-ai/mergekit"),
+        merge_stored=_merge_stored,
+        uses_stored=_always,
     ),
 )

@@ -332,22 +332,34 @@ def test_existing_output_is_refused(tmp_path: Path, models: dict[str, Path]) -> 
         )
 
 
-@pytest.mark.parametrize("name", ["linear", "task_arithmetic"])
-def test_blockwise_merge_of_elementwise_strategies_is_bit_identical(
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "model_stock"])
+def test_stored_blockwise_and_whole_tensor_merges_are_bit_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
+    """bfloat16 inputs merged from their stored bytes (the default), as whole upcast tensors,
+    and (elementwise strategies) block of rows by block of rows: one root."""
     import crdtmerge.engine as engine
 
     base = make_model(5, dtype=torch.bfloat16)
     src_b = open_tensors(base)
     base_root = hash_tensors(src_b).root
     fts = [_contrib(make_finetune(base, seed=60 + i)) for i in range(3)]
-    recipe = _recipe(name, {"weight": 0.7}, base_root if name == "task_arithmetic" else None)
-    kw = {"base": src_b} if name == "task_arithmetic" else {}
+    with_base = name != "linear"
+    params = {} if name == "model_stock" else {"weight": 0.7}
+    recipe = _recipe(name, params, base_root if with_base else None)
+    kw = {"base": src_b} if with_base else {}
+    used = []
+    original = engine._Runner._stored
+    monkeypatch.setattr(
+        engine._Runner, "_stored", lambda self, tp: used.append(original(self, tp)) or used[-1]
+    )
+    stored = merge(recipe, fts, out=tmp_path / "stored.safetensors", **kw)
+    assert any(used)
+    monkeypatch.setattr(engine._Runner, "_stored", lambda self, tp: False)
     whole = merge(recipe, fts, out=tmp_path / "whole.safetensors", **kw)
     monkeypatch.setattr(engine, "_BLOCK_ELEMENTS", 40)  # blocks of 2-3 rows of 16
     blocked = merge(recipe, fts, out=tmp_path / "blocked.safetensors", **kw)
-    assert blocked.root == whole.root
+    assert stored.root == whole.root == blocked.root
 
 
 def test_nan_in_a_stored_input_is_rejected(tmp_path: Path) -> None:

@@ -1,0 +1,106 @@
+"""Strategies computed from the inputs as stored (``merge_stored``: bfloat16/float16 read and
+upcast chunk by chunk or tile by tile) give the bits of the whole-tensor float32 path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from crdtmerge.errors import InvalidRecipe
+from crdtmerge.strategies import _detmath as dm
+from crdtmerge.strategies import _topk
+from crdtmerge.strategies.base import Stored
+from tests.unit.test_strategies_sparsify import exact, make
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks, tiles and reduction rows of a few elements, so every loop runs many times and
+    the multi-row tiles that are not one flat range occur."""
+    monkeypatch.setattr(_topk, "CHUNK", 24)
+    monkeypatch.setattr("crdtmerge.strategies._sparsify.CHUNK", 24)
+    monkeypatch.setattr(dm, "TILE", 64)
+    monkeypatch.setattr(dm, "_ROW", 8)
+
+
+def _inputs(rng: np.random.Generator, shape: tuple[int, ...], trial: int, n: int):
+    base = np.asarray(rng.standard_normal(shape))
+    stored = [torch.from_numpy(base.astype(np.float32)).to(DTYPES[trial % 3])]
+    for i in range(n):
+        x = np.asarray(base + rng.standard_normal(shape) * rng.choice([0.01, 0.3]))
+        stored.append(torch.from_numpy(x.astype(np.float32)).to(DTYPES[(trial + i + 1) % 3]))
+    return stored
+
+
+def _both(
+    name: str,
+    stored: list[torch.Tensor],
+    params: dict[str, Any],
+    weights: list[float] | None,
+    out_dtype: torch.dtype,
+    *,
+    with_base: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    up = [s.float() for s in stored]
+    base, inputs = (up[0], up[1:]) if with_base else (None, up[1:])
+    spec, task = make(name, base, inputs, params, None, weights)
+    expected = spec.merge(task).to(out_dtype)
+    task.base, task.inputs = None, ()
+    flat = [s.reshape(-1) for s in stored]
+    task.stored = Stored(
+        flat[0] if with_base else None, flat[1:], tuple(stored[0].shape), torch.float32, out_dtype
+    )
+    assert spec.merge_stored is not None and spec.uses_stored is not None
+    assert spec.uses_stored(task.params)
+    return spec.merge_stored(task).to(out_dtype), expected
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic"])
+def test_stored_elementwise_equals_the_upcast_path(name: str, out_dtype: torch.dtype) -> None:
+    rng = np.random.Generator(np.random.PCG64(21))
+    for trial in range(12):
+        shape = [(), (1,), (7,), (13, 11), (3, 4, 5)][trial % 5]
+        stored = _inputs(rng, shape, trial, int(rng.integers(1, 4)))
+        n = len(stored) - 1
+        weights = None if trial % 2 else [float(w) for w in rng.random(n) * 2 - 0.4]
+        params = {"normalize": trial % 3 != 0}
+        if name == "task_arithmetic":
+            params["lambda"] = [1.0, 0.6][trial % 2]
+        got, expected = _both(
+            name, stored, params, weights, out_dtype, with_base=name == "task_arithmetic"
+        )
+        exact(got, expected)
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_stored_model_stock_equals_the_upcast_path(out_dtype: torch.dtype) -> None:
+    rng = np.random.Generator(np.random.PCG64(22))
+    for trial in range(16):
+        # width 20 with rows of 8: a multi-row tile that is not one flat range
+        shape = [(), (5,), (9, 20), (130,), (3, 7, 20), (40, 3)][trial % 6]
+        stored = _inputs(rng, shape, trial, 2 + trial % 2)
+        params = {"filter_wise": trial % 2 == 0, "aggregation": ["cosine", "angle"][trial % 4 > 1]}
+        got, expected = _both("model_stock", stored, params, None, out_dtype)
+        exact(got, expected)
+    same = _inputs(rng, (6, 5), 0, 1)
+    same.append(same[1].clone())
+    got, expected = _both("model_stock", same, {}, None, out_dtype)
+    exact(got, expected)
+
+
+def test_stored_linear_refuses_a_zero_weight_sum() -> None:
+    x = torch.ones(4, dtype=torch.bfloat16)
+    spec, task = make("linear", None, [x.float(), x.float()], {"normalize": True}, None, [1, -1])
+    task.inputs = ()
+    task.stored = Stored(None, [x, x], (4,), torch.float32, torch.float32)
+    assert spec.merge_stored is not None
+    with pytest.raises(InvalidRecipe, match="sum to zero"):
+        spec.merge_stored(task)
