@@ -202,7 +202,7 @@ class Stored:
 
 
 #: a forward pass over a file-mapped input releases what it has read in steps of this size
-_RELEASE_BYTES = 8 << 20
+_RELEASE_BYTES = 2 << 20
 
 
 @dataclass
