@@ -382,8 +382,7 @@ class _Runner:
         return (
             tp.merged
             and spec.merge_stored is not None
-            and spec.uses_stored is not None
-            and bool(spec.uses_stored(tp.params))
+            and (spec.uses_stored is None or bool(spec.uses_stored(tp.params)))
             and (self.plan.base is not None or not spec.needs_base)
             and tp.compute_dtype == torch.float32
             and self.device.type == "cpu"

@@ -279,7 +279,7 @@ class StrategySpec:
         merge_stored: the same merge computed from :class:`Stored` inputs (``task.stored``),
             upcasting chunk by chunk: no whole upcast copy of any input exists. Must give the
             bits of ``merge``. Used when ``uses_stored(params)`` (this tensor's parameters) is
-            true and the compute dtype is float32.
+            true (or ``uses_stored`` is None) and the compute dtype is float32.
     """
 
     name: str

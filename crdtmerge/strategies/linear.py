@@ -19,8 +19,7 @@ Arithmetic: compute dtype, contributions accumulated in canonical order with pla
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -123,10 +122,6 @@ def task_arithmetic_stored(task: TensorTask) -> torch.Tensor:
     return out.view(st.shape)
 
 
-def _always(params: Mapping[str, Any]) -> bool:
-    return True
-
-
 NORMALIZE_TRUE = ParamSpec(
     "normalize", bool, True, doc="divide by the sum of weights", varying=False
 )
@@ -145,7 +140,6 @@ LINEAR = StrategySpec(
     min_models=1,
     references=("https://arxiv.org/abs/2203.05482",),
     merge_stored=linear_stored,
-    uses_stored=_always,
 )
 
 TASK_ARITHMETIC = StrategySpec(
@@ -158,7 +152,6 @@ TASK_ARITHMETIC = StrategySpec(
     min_models=1,
     references=("https://arxiv.org/abs/2212.04089",),
     merge_stored=task_arithmetic_stored,
-    uses_stored=_always,
 )
 
 SPECS: tuple[StrategySpec, ...] = (LINEAR, TASK_ARITHMETIC)

@@ -29,8 +29,7 @@ Determinism: ``exact``: float64 sums for the dot products and norms, angles from
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -168,10 +167,6 @@ def _blend(
             target.copy_(acc)
 
 
-def _always(params: Mapping[str, Any]) -> bool:
-    return True
-
-
 SPECS: tuple[StrategySpec, ...] = (
     StrategySpec(
         name="model_stock",
@@ -193,6 +188,5 @@ SPECS: tuple[StrategySpec, ...] = (
         determinism="exact",
         references=("https://arxiv.org/abs/2403.19522", "https://github.com/arcee-ai/mergekit"),
         merge_stored=_merge_stored,
-        uses_stored=_always,
     ),
 )

@@ -55,8 +55,8 @@ def _both(
     task.stored = Stored(
         flat[0] if with_base else None, flat[1:], tuple(stored[0].shape), torch.float32, out_dtype
     )
-    assert spec.merge_stored is not None and spec.uses_stored is not None
-    assert spec.uses_stored(task.params)
+    assert spec.merge_stored is not None
+    assert spec.uses_stored is None or spec.uses_stored(task.params)
     return spec.merge_stored(task).to(out_dtype), expected
 
 
