@@ -11,8 +11,9 @@ hidden 1024, intermediate 4096, 8 layers, untied lm_head; fine-tune = base + 1e-
 noise + own noise). Then runs every method with mergekit (``mergekit-yaml``) and with
 ``crdtmerge merge`` from the same mergekit-style YAML, in the same run, one after the other,
 inputs warm in the page cache, after an ``os.sync()`` (so no child pays for writing back the
-previous one's output). Wall time is measured around the child process; peak RSS is the
-child's ``ru_maxrss`` from ``wait4``. For deterministic methods the outputs are compared tensor
+previous one's output). Wall time, peak RSS (``ru_maxrss``) and CPU time are measured by a
+small launcher process around the child (a child forked from this process would inherit its
+peak RSS in ``ru_maxrss``). For deterministic methods the outputs are compared tensor
 by tensor (max |difference| in float32 and the fraction of differing elements).
 
 Writes ``bench/out/merge_bench.json`` and replaces the "## Merge engine vs mergekit" section of
@@ -225,25 +226,50 @@ ORDER = (
 )
 
 
+#: Runs argv[2:] and writes its exit code, wall time, peak RSS and CPU time to argv[1]. A fresh
+#: interpreter (~10 MB) spawns the measured process: Linux folds the hiwater RSS of the memory
+#: a process had before ``exec`` into its ``ru_maxrss``, and a child forked straight from this
+#: benchmark (torch imported, outputs compared) would report this process's peak as its own.
+_LAUNCHER = """
+import json, os, sys, time
+t0 = time.monotonic()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+wall = time.monotonic() - t0
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": os.waitstatus_to_exitcode(status), "wall": wall,
+               "rss": usage.ru_maxrss * 1024, "cpu": usage.ru_utime + usage.ru_stime}, f)
+"""
+
+
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str, float]:
-    """(wall seconds, peak RSS bytes, stdout, CPU seconds user+sys) of one child process."""
+    """(wall seconds, peak RSS bytes, stdout, CPU seconds user+sys) of one child process,
+    measured by a small launcher process (see ``_LAUNCHER``)."""
     import tempfile
 
     # the previous child's output (400 MB) must not be written back during this one's timing
     os.sync()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.monotonic()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.monotonic() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        report = Path(tmp) / "report.json"
+        subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, str(report), *cmd],
+            stdout=out,
+            stderr=err,
+            env=env,
+            check=True,
+        )
+        r = json.loads(report.read_text())
         out.seek(0)
         err.seek(0)
         text = out.read().decode()
-        if p.returncode != 0:
+        if r["code"] != 0:
             tail = err.read().decode()[-3000:]
-            raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{tail}")
-    return wall, usage.ru_maxrss * 1024, text, usage.ru_utime + usage.ru_stime
+            raise RuntimeError(f"{' '.join(cmd)} failed ({r['code']}):\n{tail}")
+    return r["wall"], r["rss"], text, r["cpu"]
 
 
 def _yaml(doc: dict, path: Path) -> None:
@@ -380,7 +406,8 @@ def render(results: list[dict], repeat: int, startup: dict) -> str:
         "(includes hashing every input and the output). Wall = min over runs, including process "
         "start-up (mergekit ~6 s of imports); CPU = the child's user + system time (less "
         "sensitive than wall time to other load on the machine); peak RSS = the child's "
-        "`ru_maxrss`. Inputs warm in the page cache, `os.sync()` before each child (no run "
+        "`ru_maxrss`, taken by a ~10 MB launcher process that spawns it (a child forked from "
+        "the benchmark itself reports the benchmark's own peak RSS when that is larger). Inputs warm in the page cache, `os.sync()` before each child (no run "
         "pays for the previous one's write-back); 2 cores. "
         f"Load average at the start of this run: {startup.get('load', '?')}.",
         "",
