@@ -19,6 +19,8 @@ the same ``normalize``) bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import InvalidRecipe
@@ -27,6 +29,9 @@ from .base import ParamSpec, StrategySpec, TensorTask
 from .ties import DENSITY, LAMBDA, SIGN_METHOD, normalize_param
 
 __all__ = ["DARE_LINEAR", "DARE_TIES", "SPECS", "dare_linear", "dare_ties"]
+
+#: ``chunk(a, b)``: elements ``a .. b - 1`` of a flat tensor, in the compute dtype.
+Chunk = Callable[[int, int], torch.Tensor]
 
 
 class _Drop:
@@ -38,20 +43,19 @@ class _Drop:
     delta in place (zero the dropped entries, then ``*= before / after`` or ``/= density``).
     """
 
-    def __init__(self, task: TensorTask, i: int, base: torch.Tensor, x: torch.Tensor) -> None:
+    def __init__(self, task: TensorTask, i: int, n: int, delta_at: Chunk) -> None:
         self.keep: torch.Tensor | None = None
         self.scale: float | None = None
         self.divisor: float | None = None
         density = float(task.model_params[i]["density"])
         if density >= 1.0:
             return  # keeps everything and draws nothing
-        n = base.numel()
         self.keep = sp.keep_bits(task, i, n, density)
         rescale = str(task.params["rescale_mode"]) if task.params["rescale"] else None
         if rescale == "l1":
             before, after = sp.L1Rows(n), sp.L1Rows(n)
             for start in range(0, n, sp.CHUNK):
-                mags = (x[start : start + sp.CHUNK] - base[start : start + sp.CHUNK]).abs_()
+                mags = delta_at(start, min(n, start + sp.CHUNK)).abs_()
                 before.add_abs(start, mags)  # |dropped d| = dropped |d| (both +0.0 or |d|)
                 after.add_abs(start, sp.zero_dropped(mags, self.keep[start : start + sp.CHUNK]))
             b, a = before.total(), after.total()
@@ -82,21 +86,55 @@ def _dare(task: TensorTask, consensus: str | None) -> torch.Tensor:
         raise InvalidRecipe(f"tensor {task.name!r}: this strategy needs a base model")
     base = task.base.reshape(-1)
     xs = [x.reshape(-1) for x in task.inputs]
-    drops = [_Drop(task, i, base, x) for i, x in enumerate(xs)]
     out = torch.empty(task.base.shape, dtype=torch.result_type(xs[0], base))
+    _dare_into(
+        task, consensus, out.view(-1), base, lambda a, b: base[a:b], lambda i, a, b: xs[i][a:b]
+    )
+    return out
+
+
+def _dare_stored(task: TensorTask, consensus: str | None) -> torch.Tensor:
+    """:func:`_dare` from the stored inputs, each chunk upcast on the way, the result written
+    in the output dtype."""
+    st = task.stored
+    assert st is not None
+    if st.base is None:
+        raise InvalidRecipe(f"tensor {task.name!r}: this strategy needs a base model")
+    out = torch.empty(st.base.numel(), dtype=st.out_dtype)
+    _dare_into(task, consensus, out, st.base, st.base_at, st.input_at)
+    return out.view(st.shape)
+
+
+def _dare_into(
+    task: TensorTask,
+    consensus: str | None,
+    out: torch.Tensor,
+    base: torch.Tensor,
+    base_at: Chunk,
+    input_at: Callable[[int, int, int], torch.Tensor],
+) -> None:
+    """The DARE merge written into the flat ``out``; ``base_at(a, b)`` / ``input_at(i, a, b)``
+    give elements ``a .. b - 1`` of the flat base / input ``i`` in the compute dtype, ``base``
+    is the flat base (any float dtype; added last)."""
+    n = out.numel()
+    drops = [
+        _Drop(task, i, n, lambda a, b, i=i: input_at(i, a, b) - base_at(a, b))
+        for i in range(len(task.model_params))
+    ]
+
+    def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
+        b = base_at(start, stop)
+        return [drop.apply(input_at(i, start, stop) - b, start) for i, drop in enumerate(drops)]
+
     sp.combine_into(
-        out.view(-1),
-        lambda start, stop: [
-            drop.apply(x[start:stop] - base[start:stop], start)
-            for drop, x in zip(drops, xs, strict=True)
-        ],
+        out,
+        deltas_at,
         task.weights,
         consensus=consensus,
         normalize=bool(task.params["normalize"]),
         lambda_=float(task.params["lambda"]),
         base=base,
     )
-    return out
 
 
 def dare_linear(task: TensorTask) -> torch.Tensor:
@@ -105,6 +143,14 @@ def dare_linear(task: TensorTask) -> torch.Tensor:
 
 def dare_ties(task: TensorTask) -> torch.Tensor:
     return _dare(task, str(task.params["sign_method"]))
+
+
+def dare_linear_stored(task: TensorTask) -> torch.Tensor:
+    return _dare_stored(task, None)
+
+
+def dare_ties_stored(task: TensorTask) -> torch.Tensor:
+    return _dare_stored(task, str(task.params["sign_method"]))
 
 
 RESCALE_TRUE = ParamSpec(
@@ -128,6 +174,7 @@ DARE_LINEAR = StrategySpec(
     needs_base=True,
     min_models=1,
     references=("https://arxiv.org/abs/2311.03099",),
+    merge_stored=dare_linear_stored,
 )
 
 DARE_TIES = StrategySpec(
@@ -139,6 +186,7 @@ DARE_TIES = StrategySpec(
     needs_base=True,
     min_models=1,
     references=("https://arxiv.org/abs/2311.03099", "https://arxiv.org/abs/2306.01708"),
+    merge_stored=dare_ties_stored,
 )
 
 SPECS: tuple[StrategySpec, ...] = (DARE_LINEAR, DARE_TIES)

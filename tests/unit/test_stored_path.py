@@ -45,10 +45,11 @@ def _both(
     out_dtype: torch.dtype,
     *,
     with_base: bool = True,
+    model: list[dict[str, Any]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     up = [s.float() for s in stored]
     base, inputs = (up[0], up[1:]) if with_base else (None, up[1:])
-    spec, task = make(name, base, inputs, params, None, weights)
+    spec, task = make(name, base, inputs, params, model, weights)
     expected = spec.merge(task).to(out_dtype)
     task.base, task.inputs = None, ()
     flat = [s.reshape(-1) for s in stored]
@@ -104,3 +105,24 @@ def test_stored_linear_refuses_a_zero_weight_sum() -> None:
     assert spec.merge_stored is not None
     with pytest.raises(InvalidRecipe, match="sum to zero"):
         spec.merge_stored(task)
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_stored_dare_equals_the_upcast_path(name: str) -> None:
+    rng = np.random.Generator(np.random.PCG64(23))
+    for trial in range(12):
+        shape = [(1,), (50,), (13, 11), (3, 4, 5)][trial % 4]
+        stored = _inputs(rng, shape, trial, 1 + trial % 3)
+        n = len(stored) - 1
+        model = [{"density": float(d)} for d in rng.choice([0.0, 0.3, 0.7, 1.0], n)]
+        weights = None if trial % 2 else [float(w) for w in rng.random(n) * 2 - 0.4]
+        params = {
+            "rescale": trial % 3 != 2,
+            "rescale_mode": ["l1", "inverse"][trial % 2],
+            "normalize": trial % 4 == 1,
+            "lambda": [1.0, 0.8][trial % 2],
+        }
+        out_dtype = [torch.float32, torch.bfloat16][trial % 2]
+        got, expected = _both(name, stored, params, weights, out_dtype, model=model)
+        exact(got, expected)
