@@ -427,12 +427,7 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> Keep:
     if density >= 1.0 and gamma <= 0.0:
         return None
     n = delta.numel()
-    target = int(density * n) if density < 1.0 else n
-    n_top = int(gamma * n)
-    n_bot = n - target - n_top
-    if n_bot < 0:
-        n_top += n_bot
-        n_bot = 0
+    n_top, n_bot = outlier_counts(n, density, gamma)
     if n_bot == 0 and n_top == 0:
         return None
     if n - n_bot <= 0:
@@ -445,6 +440,18 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> Keep:
     if n_top > 0:
         keep &= ~magnitude_topk(delta, n_top)
     return keep
+
+
+def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """``(n_top, n_bot)`` of :func:`outlier_mask` for ``n`` entries: how many of the largest
+    and of the smallest magnitudes are dropped."""
+    target = int(density * n) if density < 1.0 else n
+    n_top = int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    return n_top, n_bot
 
 
 # --------------------------------------------------------------- whole-model ("global") top-k

@@ -17,8 +17,13 @@ Then generalized task arithmetic (see ``ties``): ``breadcrumbs`` sums ``w_i * de
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
+from ..errors import InvalidRecipe
 from . import _sparsify as sp
 from .base import ParamSpec, StrategySpec, TensorTask
 from .ties import DENSITY, LAMBDA, RESCALE_FALSE, SIGN_METHOD, gta_merge, normalize_param
@@ -41,6 +46,81 @@ def breadcrumbs_ties(task: TensorTask) -> torch.Tensor:
     return gta_merge(task, _prune, str(task.params["sign_method"]))
 
 
+def _stored(task: TensorTask, consensus: str | None) -> torch.Tensor:
+    """The merge from the stored inputs (``rescale`` false): each contribution's band of kept
+    ranks is found by two exact cuts over its task vector formed chunk by chunk (the same
+    :class:`~._topk.Cut` s as :func:`._topk.outlier_mask` finds on the whole vector), then the
+    chunks are masked and combined as :func:`gta_merge` does, written in the output dtype."""
+    st = task.stored
+    assert st is not None
+    if st.base is None:
+        raise InvalidRecipe(f"tensor {task.name!r}: this strategy needs a base model")
+    n = st.base.numel()
+    rules = [_band(task, i, n) for i in range(len(st.inputs))]
+
+    def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
+        b = st.base_at(start, stop)
+        ds = [st.input_at(i, start, stop) - b for i in range(len(rules))]
+        for d, rule in zip(ds, rules, strict=True):
+            if rule is _DROP_ALL:
+                d.zero_()
+            elif isinstance(rule, sp.Band):
+                rule.zero_dropped(d, start)
+        return ds
+
+    out = torch.empty(n, dtype=st.out_dtype)
+    sp.combine_into(
+        out,
+        deltas_at,
+        task.weights,
+        consensus=consensus,
+        normalize=bool(task.params["normalize"]),
+        lambda_=float(task.params["lambda"]),
+        base=st.base,
+    )
+    return out.view(st.shape)
+
+
+#: the keep rule that drops every entry
+_DROP_ALL = object()
+
+
+def _band(task: TensorTask, i: int, n: int) -> sp.Band | object | None:
+    """Contribution ``i``'s keep rule over the stored inputs: None (keep all), ``_DROP_ALL``,
+    or the band between two cuts."""
+    st = task.stored
+    assert st is not None
+    density = float(task.model_params[i]["density"])
+    gamma = float(task.model_params[i]["gamma"])
+    n_top, n_bot = sp.outlier_counts(n, density, gamma)
+    if n_top == 0 and n_bot == 0:
+        return None
+    if n - n_bot - n_top <= 0:
+        return _DROP_ALL
+
+    def delta_at(a: int, b: int) -> torch.Tensor:
+        return st.input_at(i, a, b) - st.base_at(a, b)
+
+    def sample(step: int) -> torch.Tensor:
+        return st.sample(i, step) - st.sample(None, step)
+
+    lo = sp.chunked_cut(delta_at, n, n - n_bot, sample=sample) if n_bot > 0 else None
+    hi = sp.chunked_cut(delta_at, n, n_top, sample=sample) if n_top > 0 else None
+    return sp.Band(lo=lo, hi=hi)
+
+
+def breadcrumbs_stored(task: TensorTask) -> torch.Tensor:
+    return _stored(task, None)
+
+
+def breadcrumbs_ties_stored(task: TensorTask) -> torch.Tensor:
+    return _stored(task, str(task.params["sign_method"]))
+
+
+def _no_rescale(params: Mapping[str, Any]) -> bool:
+    return not params["rescale"] and sys.byteorder == "little"
+
+
 GAMMA = ParamSpec(
     "gamma",
     float,
@@ -60,6 +140,8 @@ BREADCRUMBS = StrategySpec(
     needs_base=True,
     min_models=1,
     references=("https://arxiv.org/abs/2312.06795",),
+    merge_stored=breadcrumbs_stored,
+    uses_stored=_no_rescale,
 )
 
 BREADCRUMBS_TIES = StrategySpec(
@@ -71,6 +153,8 @@ BREADCRUMBS_TIES = StrategySpec(
     needs_base=True,
     min_models=1,
     references=("https://arxiv.org/abs/2312.06795", "https://arxiv.org/abs/2306.01708"),
+    merge_stored=breadcrumbs_ties_stored,
+    uses_stored=_no_rescale,
 )
 
 SPECS: tuple[StrategySpec, ...] = (BREADCRUMBS, BREADCRUMBS_TIES)

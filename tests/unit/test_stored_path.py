@@ -26,6 +26,7 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("crdtmerge.strategies._sparsify.CHUNK", 24)
     monkeypatch.setattr(dm, "TILE", 64)
     monkeypatch.setattr(dm, "_ROW", 8)
+    monkeypatch.setattr(_topk, "_SAMPLE", 8)  # the sampled top-k brackets run too
 
 
 def _inputs(rng: np.random.Generator, shape: tuple[int, ...], trial: int, n: int):
@@ -123,6 +124,31 @@ def test_stored_dare_equals_the_upcast_path(name: str) -> None:
             "normalize": trial % 4 == 1,
             "lambda": [1.0, 0.8][trial % 2],
         }
+        out_dtype = [torch.float32, torch.bfloat16][trial % 2]
+        got, expected = _both(name, stored, params, weights, out_dtype, model=model)
+        exact(got, expected)
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
+def test_stored_breadcrumbs_equals_the_upcast_path(name: str) -> None:
+    rng = np.random.Generator(np.random.PCG64(24))
+    for trial in range(16):
+        shape = [(1,), (50,), (13, 11), (3, 4, 5)][trial % 4]
+        stored = _inputs(rng, shape, trial, 1 + trial % 3)
+        n = len(stored) - 1
+        model = [
+            {"density": float(d), "gamma": float(g)}
+            for d, g in zip(
+                rng.choice([0.0, 0.3, 0.9, 1.0], n),
+                rng.choice([0.0, 0.05, 0.5, 1.0], n),
+                strict=True,
+            )
+        ]
+        weights = None if trial % 2 else [float(w) for w in rng.random(n) * 2 - 0.4]
+        params = {"normalize": trial % 4 == 1, "lambda": [1.0, 0.8][trial % 2]}
+        if name == "breadcrumbs_ties":
+            params["sign_method"] = ["sum", "count"][trial % 3 == 0]
         out_dtype = [torch.float32, torch.bfloat16][trial % 2]
         got, expected = _both(name, stored, params, weights, out_dtype, model=model)
         exact(got, expected)
