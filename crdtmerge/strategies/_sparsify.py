@@ -22,6 +22,7 @@ elements), and no fused kernel (``lerp``, ``add(alpha=)``, ``addcmul``) is used.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,7 @@ __all__ = [
     "keep_bits",
     "random_mask",
     "rank_drop",
+    "rank_keep_bits",
     "rank_keep_prob",
     "threshold_from_histograms",
     "topk_count",
@@ -305,6 +307,33 @@ def rank_drop(
     return delta
 
 
+def rank_keep_bits(
+    task: TensorTask,
+    i: int,
+    n: int,
+    cols: int,
+    delta_at: Callable[[int, int], torch.Tensor],
+    density: float,
+    epsilon: float,
+) -> torch.Tensor:
+    """:func:`rank_drop`'s decisions as int8 keep bits (-1 keep, 0 drop; see
+    :func:`zero_dropped`) over a float32 delta of ``n`` elements in rows of ``cols``, given as
+    ``delta_at(a, b)`` (flat elements ``a .. b - 1``). The same row blocks, ranks and
+    uniforms (the generator seeks to each block), so the same bits as ``rank_drop``."""
+    out = np.empty(n, dtype=np.int8)
+    rows = n // cols if cols else 0
+    step = max(1, CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        a, b = r0 * cols, r1 * cols
+        p = rank_keep_prob(delta_at(a, b).view(r1 - r0, cols), density, epsilon)
+        words = task.rng.words(b - a, task.streams[i], a) >> np.uint32(8)
+        draws = words.astype(np.float32) * np.float32(2.0**-24)
+        keep = np.less(draws, p.reshape(-1).numpy())
+        np.negative(keep.view(np.int8), out=out[a:b])
+    return torch.from_numpy(out)
+
+
 def rank_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA (mergekit ``della_magprune``) keep probabilities, float32.
 
@@ -336,9 +365,11 @@ def rank_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch
     return p.reshape(delta.shape)
 
 
+@functools.lru_cache(maxsize=16)
 def _keep_prob_table(cols: int, density: float, epsilon: float) -> torch.Tensor:
     """``p`` for ranks ``0 .. cols - 1``: ``r = rank / (cols - 1)``,
-    ``p = (density - epsilon) + r * (2 epsilon)``, float32, each step rounded as written."""
+    ``p = (density - epsilon) + r * (2 epsilon)``, float32, each step rounded as written.
+    Cached (one table serves every row block of a tensor); callers only read it."""
     r = torch.arange(cols, dtype=torch.int64).to(torch.float32) / torch.tensor(
         float(cols - 1), dtype=torch.float32
     )

@@ -34,35 +34,49 @@ __all__ = ["DARE_LINEAR", "DARE_TIES", "SPECS", "dare_linear", "dare_ties"]
 Chunk = Callable[[int, int], torch.Tensor]
 
 
-class _Drop:
-    """Contribution ``i``'s drop for one tensor: its mask and the survivors' rescale.
+class Drop:
+    """Contribution ``i``'s drop for one tensor: its keep mask and the survivors' rescale.
 
     Decided up front (the L1 rescale needs the norms of the whole delta before and after the
     drop), so that the merge itself can then form, drop, rescale and combine the deltas one
     chunk at a time. The operations per element are those of dropping and rescaling the whole
-    delta in place (zero the dropped entries, then ``*= before / after`` or ``/= density``).
+    delta in place (zero the dropped entries, then ``*= before / after`` or ``/= divisor``).
+
+    Args:
+        keep: int8 keep bits over the flat delta (-1 keep, 0 drop; see
+            :func:`._sparsify.zero_dropped`), or None to keep everything (no rescale then).
+        n: the number of elements.
+        delta_at: ``delta_at(a, b)``: elements ``a .. b - 1`` of the delta (a new tensor).
+        l1: rescale by ``L1(delta) / L1(kept)`` (fixed-order float64 norms; skipped when
+            either is < 1e-7).
+        divisor: else divide the survivors by this (None: no rescale).
     """
 
-    def __init__(self, task: TensorTask, i: int, n: int, delta_at: Chunk) -> None:
-        self.keep: torch.Tensor | None = None
+    def __init__(
+        self,
+        keep: torch.Tensor | None,
+        n: int,
+        delta_at: Chunk,
+        *,
+        l1: bool = False,
+        divisor: float | None = None,
+    ) -> None:
+        self.keep = keep
         self.scale: float | None = None
         self.divisor: float | None = None
-        density = float(task.model_params[i]["density"])
-        if density >= 1.0:
-            return  # keeps everything and draws nothing
-        self.keep = sp.keep_bits(task, i, n, density)
-        rescale = str(task.params["rescale_mode"]) if task.params["rescale"] else None
-        if rescale == "l1":
+        if keep is None:
+            return
+        if l1:
             before, after = sp.L1Rows(n), sp.L1Rows(n)
             for start in range(0, n, sp.CHUNK):
                 mags = delta_at(start, min(n, start + sp.CHUNK)).abs_()
                 before.add_abs(start, mags)  # |dropped d| = dropped |d| (both +0.0 or |d|)
-                after.add_abs(start, sp.zero_dropped(mags, self.keep[start : start + sp.CHUNK]))
+                after.add_abs(start, sp.zero_dropped(mags, keep[start : start + sp.CHUNK]))
             b, a = before.total(), after.total()
             if b >= 1e-7 and a >= 1e-7:
                 self.scale = b / a
-        elif rescale == "inverse" and density > 0.0:
-            self.divisor = density
+        else:
+            self.divisor = divisor
 
     def apply(self, delta: torch.Tensor, start: int) -> torch.Tensor:
         """Drop and rescale ``delta`` (elements ``start ..`` of the task vector) in place."""
@@ -73,6 +87,20 @@ class _Drop:
         elif self.divisor is not None:
             delta /= self.divisor
         return delta
+
+
+def _dare_drop(task: TensorTask, i: int, n: int, delta_at: Chunk) -> Drop:
+    """DARE's drop of contribution ``i``: keep ``u < density``, then the rescale."""
+    density = float(task.model_params[i]["density"])
+    if density >= 1.0:
+        return Drop(None, n, delta_at)  # keeps everything and draws nothing
+    keep = sp.keep_bits(task, i, n, density)
+    rescale = str(task.params["rescale_mode"]) if task.params["rescale"] else None
+    divisor = density if rescale == "inverse" and density > 0.0 else None
+    return Drop(keep, n, delta_at, l1=rescale == "l1", divisor=divisor)
+
+
+MakeDrop = Callable[[TensorTask, int, int, Chunk], Drop]
 
 
 def _dare(task: TensorTask, consensus: str | None) -> torch.Tensor:
@@ -87,38 +115,46 @@ def _dare(task: TensorTask, consensus: str | None) -> torch.Tensor:
     base = task.base.reshape(-1)
     xs = [x.reshape(-1) for x in task.inputs]
     out = torch.empty(task.base.shape, dtype=torch.result_type(xs[0], base))
-    _dare_into(
-        task, consensus, out.view(-1), base, lambda a, b: base[a:b], lambda i, a, b: xs[i][a:b]
+    drop_merge_into(
+        task,
+        consensus,
+        out.view(-1),
+        base,
+        lambda a, b: base[a:b],
+        lambda i, a, b: xs[i][a:b],
+        _dare_drop,
     )
     return out
 
 
-def _dare_stored(task: TensorTask, consensus: str | None) -> torch.Tensor:
-    """:func:`_dare` from the stored inputs, each chunk upcast on the way, the result written
-    in the output dtype."""
+def stored_drop_merge(task: TensorTask, consensus: str | None, make_drop: MakeDrop) -> torch.Tensor:
+    """:func:`drop_merge_into` over ``task.stored`` (chunks upcast on the way), written in the
+    output dtype."""
     st = task.stored
     assert st is not None
     if st.base is None:
         raise InvalidRecipe(f"tensor {task.name!r}: this strategy needs a base model")
     out = torch.empty(st.base.numel(), dtype=st.out_dtype)
-    _dare_into(task, consensus, out, st.base, st.base_at, st.input_at)
+    drop_merge_into(task, consensus, out, st.base, st.base_at, st.input_at, make_drop)
     return out.view(st.shape)
 
 
-def _dare_into(
+def drop_merge_into(
     task: TensorTask,
     consensus: str | None,
     out: torch.Tensor,
     base: torch.Tensor,
     base_at: Chunk,
     input_at: Callable[[int, int, int], torch.Tensor],
+    make_drop: MakeDrop,
 ) -> None:
-    """The DARE merge written into the flat ``out``; ``base_at(a, b)`` / ``input_at(i, a, b)``
-    give elements ``a .. b - 1`` of the flat base / input ``i`` in the compute dtype, ``base``
-    is the flat base (any float dtype; added last)."""
+    """Drop each task vector (``make_drop(task, i, n, delta_at)``), then combine, into the
+    flat ``out``; ``base_at(a, b)`` / ``input_at(i, a, b)`` give elements ``a .. b - 1`` of the
+    flat base / input ``i`` in the compute dtype, ``base`` is the flat base (any float dtype;
+    added last). Shared by DARE and DELLA."""
     n = out.numel()
     drops = [
-        _Drop(task, i, n, lambda a, b, i=i: input_at(i, a, b) - base_at(a, b))
+        make_drop(task, i, n, lambda a, b, i=i: input_at(i, a, b) - base_at(a, b))
         for i in range(len(task.model_params))
     ]
 
@@ -146,11 +182,11 @@ def dare_ties(task: TensorTask) -> torch.Tensor:
 
 
 def dare_linear_stored(task: TensorTask) -> torch.Tensor:
-    return _dare_stored(task, None)
+    return stored_drop_merge(task, None, _dare_drop)
 
 
 def dare_ties_stored(task: TensorTask) -> torch.Tensor:
-    return _dare_stored(task, str(task.params["sign_method"]))
+    return stored_drop_merge(task, str(task.params["sign_method"]), _dare_drop)
 
 
 RESCALE_TRUE = ParamSpec(

@@ -25,28 +25,37 @@ Ranking is one stable row-wise sort (mergekit: two argsorts per row).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from ..errors import InvalidRecipe
 from . import _sparsify as sp
 from .base import ParamSpec, StrategySpec, TensorTask
-from .dare import RESCALE_TRUE
+from .dare import RESCALE_TRUE, Chunk, Drop, stored_drop_merge
 from .ties import DENSITY, LAMBDA, SIGN_METHOD, gta_merge, normalize_param
 
 __all__ = ["DELLA", "DELLA_LINEAR", "SPECS", "della", "della_linear", "magprune"]
 
 
-def magprune(task: TensorTask, i: int, delta: torch.Tensor) -> torch.Tensor:
-    """DELLA's rank-dependent random drop of contribution ``i``'s delta, then the rescale."""
+def _density_epsilon(task: TensorTask, i: int) -> tuple[float, float]:
     density = float(task.model_params[i]["density"])
     epsilon = float(task.model_params[i]["epsilon"])
-    if density >= 1.0:
-        return delta
-    if not (density - epsilon > 0.0 and density + epsilon < 1.0):
+    if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
         raise InvalidRecipe(
             f"tensor {task.name!r}: della needs 0 < density - epsilon and density + epsilon < 1, "
             f"got density={density}, epsilon={epsilon}; lower epsilon"
         )
+    return density, epsilon
+
+
+def magprune(task: TensorTask, i: int, delta: torch.Tensor) -> torch.Tensor:
+    """DELLA's rank-dependent random drop of contribution ``i``'s delta, then the rescale."""
+    density, epsilon = _density_epsilon(task, i)
+    if density >= 1.0:
+        return delta
     rescale = str(task.params["rescale_mode"]) if task.params["rescale"] else None
     return sp.rank_drop(task, i, delta, density, epsilon, rescale)
 
@@ -57,6 +66,33 @@ def della(task: TensorTask) -> torch.Tensor:
 
 def della_linear(task: TensorTask) -> torch.Tensor:
     return gta_merge(task, magprune, None)
+
+
+def _stored_drop(task: TensorTask, i: int, n: int, delta_at: Chunk) -> Drop:
+    """:func:`magprune` as keep bits decided row block by row block (the same ranks, the same
+    uniforms, the same ``u < p`` test), then the L1 rescale from two chunked norms."""
+    density, epsilon = _density_epsilon(task, i)
+    if density >= 1.0:
+        return Drop(None, n, delta_at)
+    assert task.stored is not None
+    shape = task.stored.shape
+    cols = shape[-1] if shape else 1
+    keep = sp.rank_keep_bits(task, i, n, cols, delta_at, density, epsilon)
+    return Drop(keep, n, delta_at, l1=bool(task.params["rescale"]))
+
+
+def della_stored(task: TensorTask) -> torch.Tensor:
+    return stored_drop_merge(task, str(task.params["sign_method"]), _stored_drop)
+
+
+def della_linear_stored(task: TensorTask) -> torch.Tensor:
+    return stored_drop_merge(task, None, _stored_drop)
+
+
+def uses_stored(params: Mapping[str, Any]) -> bool:
+    """The stored path covers the L1 rescale (mergekit's) and no rescale; ``inverse`` divides
+    by each entry's own ``p`` and takes the whole-tensor path."""
+    return (not params["rescale"] or params["rescale_mode"] == "l1") and sys.byteorder == "little"
 
 
 EPSILON = ParamSpec(
@@ -94,6 +130,8 @@ DELLA = StrategySpec(
     needs_base=True,
     min_models=1,
     references=("https://arxiv.org/abs/2406.11617",),
+    merge_stored=della_stored,
+    uses_stored=uses_stored,
 )
 
 DELLA_LINEAR = StrategySpec(
@@ -105,6 +143,8 @@ DELLA_LINEAR = StrategySpec(
     needs_base=True,
     min_models=1,
     references=("https://arxiv.org/abs/2406.11617",),
+    merge_stored=della_linear_stored,
+    uses_stored=uses_stored,
 )
 
 SPECS: tuple[StrategySpec, ...] = (DELLA, DELLA_LINEAR)

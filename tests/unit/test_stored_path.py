@@ -152,3 +152,30 @@ def test_stored_breadcrumbs_equals_the_upcast_path(name: str) -> None:
         out_dtype = [torch.float32, torch.bfloat16][trial % 2]
         got, expected = _both(name, stored, params, weights, out_dtype, model=model)
         exact(got, expected)
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_stored_della_equals_the_upcast_path(name: str) -> None:
+    rng = np.random.Generator(np.random.PCG64(25))
+    for trial in range(12):
+        shape = [(1,), (50,), (13, 11), (3, 4, 5), (7, 1)][trial % 5]
+        stored = _inputs(rng, shape, trial, 1 + trial % 3)
+        n = len(stored) - 1
+        model = [
+            {"density": float(d), "epsilon": 0.1} for d in rng.choice([0.2, 0.5, 0.85, 1.0], n)
+        ]
+        weights = None if trial % 2 else [float(w) for w in rng.random(n) * 2 - 0.4]
+        params = {"rescale": trial % 3 != 2, "lambda": [1.0, 0.8][trial % 2]}
+        out_dtype = [torch.float32, torch.bfloat16][trial % 2]
+        got, expected = _both(name, stored, params, weights, out_dtype, model=model)
+        exact(got, expected)
+
+
+def test_della_with_inverse_rescale_takes_the_whole_tensor_path() -> None:
+    from crdtmerge.strategies import get_strategy
+
+    spec = get_strategy("della")
+    assert spec.uses_stored is not None
+    assert not spec.uses_stored({"rescale": True, "rescale_mode": "inverse"})
+    assert spec.uses_stored({"rescale": False, "rescale_mode": "inverse"})
