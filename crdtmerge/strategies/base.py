@@ -23,7 +23,7 @@ Determinism rules every strategy keeps (checked by the conformance tests):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -249,6 +249,24 @@ class TensorTask:
         if self.base is None:
             raise InvalidRecipe(f"tensor {self.name!r}: this strategy needs a base model")
         return [x - self.base for x in self.inputs]
+
+
+def unstored(task: TensorTask) -> TensorTask:
+    """``task`` with its stored inputs as whole compute-dtype tensors (``base``/``inputs``
+    set, ``stored`` None): lets a ``merge_stored`` hand a case it does not stream to ``merge``
+    (the engine's whole-tensor path reads them the same way)."""
+    st = task.stored
+    assert st is not None
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return t.to(st.dtype).view(st.shape)
+
+    return replace(
+        task,
+        base=whole(st.base) if st.base is not None else None,
+        inputs=[whole(x) for x in st.inputs],
+        stored=None,
+    )
 
 
 MergeFn = Callable[[TensorTask], torch.Tensor]

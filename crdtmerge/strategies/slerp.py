@@ -56,12 +56,13 @@ Determinism: ``exact``. Norms and dot products are float64 sums, the angles come
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from ..errors import IncompatibleInputs, InvalidRecipe
 from . import _detmath as dm
-from .base import REQUIRED, ParamSpec, StrategySpec, TensorTask
+from .base import REQUIRED, ParamSpec, StrategySpec, TensorTask, unstored
 
 __all__ = ["SPECS", "all_equal", "nuslerp_tensors", "slerp_tensors"]
 
@@ -86,37 +87,72 @@ def _combine(c0: float, v0: torch.Tensor, c1: float, v1: torch.Tensor) -> torch.
     The same two products and one sum per element as on whole tensors (so the same bits),
     with a tile-sized temporary instead of two full-size ones.
     """
-    k0 = _coef(c0, v0)
-    k1 = _coef(c1, v1)
     out = torch.empty(v0.shape, dtype=torch.result_type(v0, v1))
-    f0, f1, fo = v0.reshape(1, -1), v1.reshape(1, -1), out.view(1, -1)
-    for _, _, a, b in dm.tiles2d(1, fo.shape[1]):
-        torch.mul(f0[:, a:b], k0, out=fo[:, a:b])
-        fo[:, a:b] += f1[:, a:b] * k1
+    f0, f1 = v0.reshape(1, -1), v1.reshape(1, -1)
+    _combine_into(
+        c0,
+        lambda a, b: f0[:, a:b],
+        c1,
+        lambda a, b: f1[:, a:b],
+        out.view(1, -1),
+        out.dtype,
+    )
     return out
+
+
+Piece = Callable[[int, int], torch.Tensor]
+
+
+def _combine_into(
+    c0: float, p0: Piece, c1: float, p1: Piece, out: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """``c0 * v0 + c1 * v1`` into the ``1 x n`` ``out``, ``p0(a, b)`` / ``p1(a, b)`` giving
+    columns ``a .. b - 1`` of ``v0`` / ``v1`` in the compute ``dtype``; an ``out`` of another
+    dtype receives each tile cast (the same bits as one cast of the whole result)."""
+    k0 = torch.tensor(c0, dtype=dtype)
+    k1 = torch.tensor(c1, dtype=dtype)
+    tiles = dm.tiles2d(1, out.shape[1])
+    scratch = None
+    if out.dtype != dtype and tiles:
+        scratch = torch.empty(1, max(b - a for _, _, a, b in tiles), dtype=dtype)
+    for _, _, a, b in tiles:
+        acc = out[:, a:b] if scratch is None else scratch[:, : b - a]
+        torch.mul(p0(a, b), k0, out=acc)
+        acc += p1(a, b) * k1
+        if scratch is not None:
+            out[:, a:b].copy_(acc)
 
 
 def _norms_and_dot(v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float, float]:
     """``(|v0|, |v1|, v0 . v1)`` from one float64 pass (each equals norm64 / dot64)."""
     f0, f1 = v0.reshape(1, -1), v1.reshape(1, -1)
-    g = dm.rowgram64(dm.tiles_of(f0, f1), 2, [(0, 0), (1, 1), (0, 1)], 1, f0.shape[1])
+    return _gram(dm.tiles_of(f0, f1), f0.shape[1])
+
+
+def _gram(load: dm.Loader, n: int) -> tuple[float, float, float]:
+    g = dm.rowgram64(load, 2, [(0, 0), (1, 1), (0, 1)], 1, n)
     return math.sqrt(float(g[0, 0])), math.sqrt(float(g[1, 0])), float(g[2, 0])
+
+
+def _coefficients(t: float, n0: float, n1: float, dot: float) -> tuple[float, float]:
+    """mergekit's slerp weights of ``v0`` and ``v1`` from their norms and dot product."""
+    d0 = n0 if n0 > _SLERP_EPS else 1.0
+    d1 = n1 if n1 > _SLERP_EPS else 1.0
+    dot = dot / (d0 * d1)
+    if abs(dot) > _DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = dm.acos(dot)
+    sin_theta = dm.scalar(dm.sin(theta))
+    c0 = dm.scalar(dm.sin(theta * (1.0 - t))) / sin_theta
+    c1 = dm.scalar(dm.sin(theta * t)) / sin_theta
+    return c0, c1
 
 
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """mergekit's ``slerp(t, v0, v1)`` on whole tensors (see the module docstring)."""
     if torch.equal(v0, v1):
         return v0.clone()
-    n0, n1, dot = _norms_and_dot(v0, v1)
-    d0 = n0 if n0 > _SLERP_EPS else 1.0
-    d1 = n1 if n1 > _SLERP_EPS else 1.0
-    dot = dot / (d0 * d1)
-    if abs(dot) > _DOT_THRESHOLD:
-        return _combine(1.0 - t, v0, t, v1)
-    theta = dm.acos(dot)
-    sin_theta = dm.scalar(dm.sin(theta))
-    c0 = dm.scalar(dm.sin(theta * (1.0 - t))) / sin_theta
-    c1 = dm.scalar(dm.sin(theta * t)) / sin_theta
+    c0, c1 = _coefficients(t, *_norms_and_dot(v0, v1))
     return _combine(c0, v0, c1, v1)
 
 
@@ -133,6 +169,37 @@ def _slerp(task: TensorTask) -> torch.Tensor:
         return slerp_tensors(t, xs[0], xs[1])
     d = task.deltas()
     return task.base + slerp_tensors(t, d[0], d[1])
+
+
+def _slerp_stored(task: TensorTask) -> torch.Tensor:
+    """:func:`_slerp` from the stored inputs when the two endpoints are stored tensors (base
+    and one contribution, or two contributions without a base): one float64 pass for the
+    norms and the dot product and one for the blend, each tile upcast on the way, the result
+    written in the output dtype. Other cases take the whole-tensor path."""
+    st = task.stored
+    assert st is not None
+    if st.base is not None and len(st.inputs) == 1:
+        ends, keys = (st.base, st.inputs[0]), (None, 0)
+    elif st.base is None and len(st.inputs) == 2:
+        ends, keys = (st.inputs[0], st.inputs[1]), (0, 1)
+    else:
+        return _slerp(unstored(task)).to(st.out_dtype)
+    n = ends[0].numel()
+    if torch.equal(ends[0], ends[1]):
+        return ends[0].to(st.dtype).to(st.out_dtype).view(st.shape)
+    tiles = [st.tile(k, 1, n) for k in keys]
+    t = float(task.params["t"])
+    c0, c1 = _coefficients(t, *_gram(lambda *r: [tile(*r) for tile in tiles], n))
+    out = torch.empty(1, n, dtype=st.out_dtype)
+    _combine_into(
+        c0,
+        lambda a, b: tiles[0](0, 1, a, b),
+        c1,
+        lambda a, b: tiles[1](0, 1, a, b),
+        out,
+        st.dtype,
+    )
+    return out.view(st.shape)
 
 
 def _nuslerp_rows(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -238,6 +305,7 @@ SLERP = StrategySpec(
     max_models=2,
     determinism="exact",
     references=("https://github.com/arcee-ai/mergekit (slerp)",),
+    merge_stored=_slerp_stored,
 )
 
 NUSLERP = StrategySpec(

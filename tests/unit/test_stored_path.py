@@ -179,3 +179,21 @@ def test_della_with_inverse_rescale_takes_the_whole_tensor_path() -> None:
     assert spec.uses_stored is not None
     assert not spec.uses_stored({"rescale": True, "rescale_mode": "inverse"})
     assert spec.uses_stored({"rescale": False, "rescale_mode": "inverse"})
+
+
+@pytest.mark.usefixtures("small_pieces")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_stored_slerp_equals_the_upcast_path(out_dtype: torch.dtype) -> None:
+    rng = np.random.Generator(np.random.PCG64(26))
+    for trial in range(15):
+        shape = [(), (5,), (9, 20), (300,), (3, 7, 20)][trial % 5]
+        case = trial % 3  # base + 1, two without a base, base + 2 (the whole-tensor fallback)
+        stored = _inputs(rng, shape, trial, [1, 2, 2][case])
+        if trial in (3, 4):  # equal endpoints (stored in other dtypes): returned unchanged
+            stored[trial - 2] = stored[trial - 3].to(torch.float32)
+        params = {"t": [0.5, 0.3, 0.9][trial % 3]}
+        got, expected = _both("slerp", stored, params, None, out_dtype, with_base=case != 1)
+        exact(got, expected)
+    near = _inputs(rng, (40,), 0, 1)
+    near[1] = (near[0].float() * 1.0001).to(near[1].dtype)  # |cos| > 0.9995: the lerp branch
+    exact(*_both("slerp", near, {"t": 0.25}, None, out_dtype))
