@@ -54,13 +54,12 @@ from .identity import Manifest, TensorHasher, contribution_metadata_header
 from .plan import MergePlan, TensorPlan, make_plan
 from .recipe import Recipe
 from .rng import CounterRNG, tensor_key
-from .strategies.base import Stored, TensorTask
+from .strategies.base import Stored, TensorTask, check_finite
 from .tensors import (
     StreamingWriter,
     TensorInfo,
     TensorSource,
     dtype_code,
-    release_pages,
     tensor_bytes,
 )
 
@@ -339,7 +338,7 @@ class _Runner:
         if rows is not None:
             t = t[rows[0] : rows[1]]  # a view of the mapping: only these rows are read
         t = t.to(device=self.device, dtype=dtype)
-        _check_finite(t, name, label)
+        check_finite(t, name, label)
         return t
 
     def _task(self, tp: TensorPlan, stats: Any, rows: tuple[int, int] | None = None) -> TensorTask:
@@ -394,13 +393,12 @@ class _Runner:
         labelled = [(c.source, f"contribution {c.root.hex()[:16]}") for c in plan.contributions]
         if plan.base is not None:
             labelled.insert(0, (plan.base, "the base"))
-        flat = []
-        for source, label in labelled:
-            t = source.tensor(tp.name).reshape(-1)
-            _check_finite(t, tp.name, label)
-            release_pages(t, 0, t.numel())  # the strategy's passes map it again as they go
-            flat.append(t)
+        # NaN/Inf are found as the strategy reads each chunk (Stored checks every first read)
+        flat = [source.tensor(tp.name).reshape(-1) for source, _ in labelled]
+        labels = [label for _, label in labelled]
         base = flat.pop(0) if plan.base is not None else None
+        if plan.base is not None:
+            labels.pop(0)
         return TensorTask(
             name=tp.name,
             base=None,
@@ -411,7 +409,15 @@ class _Runner:
             streams=self.roots,
             layer=tp.layer,
             num_layers=plan.num_layers,
-            stored=Stored(base, tuple(flat), tp.shape, tp.compute_dtype, tp.out_dtype),
+            stored=Stored(
+                base,
+                tuple(flat),
+                tp.shape,
+                tp.compute_dtype,
+                tp.out_dtype,
+                name=tp.name,
+                labels=tuple(labels),
+            ),
         )
 
     def _merge_one(self, tp: TensorPlan, stats: Any) -> torch.Tensor:
@@ -529,13 +535,6 @@ class _torch_threads:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self.saved)
-
-
-def _check_finite(t: torch.Tensor, name: str, label: str) -> None:
-    """NaN/Inf policy: reject. A sum is one cheap pass and is non-finite whenever an element
-    is; only then (or on an overflowing sum) is the exact element-wise test run."""
-    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-        raise InvalidInput(f"tensor {name!r} in {label} contains NaN or Inf; inputs must be finite")
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import InvalidRecipe
+from ..errors import InvalidInput, InvalidRecipe
 from ..rng import CounterRNG
 from ..tensors import release_pages
 
@@ -139,9 +139,15 @@ class Stored:
         out_dtype: the dtype the engine writes; the strategy may return its result already
             cast to it (chunk by chunk: the same bits as one cast of the whole result).
 
-    The engine has checked every tensor here for NaN/Inf before the strategy runs. Reading
-    through the methods below keeps little of a file-mapped input resident: a pass moving
-    forward releases the pages it has left behind (:func:`~crdtmerge.tensors.release_pages`).
+        name: the tensor name, and ``labels`` each input's, for error messages.
+
+    NaN/Inf: every value read through the methods below is checked on its first read (the
+    first pass over an input checks it, later passes cost nothing) and raises
+    ``InvalidInput`` naming the tensor and the input, as the engine's whole-tensor path does
+    before merging; a strategy that returns without reading some input (a shortcut) must
+    :meth:`check` it. Reading through these methods also keeps little of a file-mapped input
+    resident: a pass moving forward releases the pages it has left behind
+    (:func:`~crdtmerge.tensors.release_pages`).
     """
 
     base: torch.Tensor | None
@@ -149,7 +155,18 @@ class Stored:
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     out_dtype: torch.dtype = torch.float32
+    name: str = ""
+    labels: Sequence[str] = ()
     _marks: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+    _checked: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def check(self, i: int | None) -> None:
+        """Check all of input ``i`` (None: the base) for NaN/Inf, unless a pass already has."""
+        t = self.base if i is None else self.inputs[i]
+        if t is None:
+            return
+        for start in range(self._checked.get(-1 if i is None else i, 0), t.numel(), 1 << 18):
+            self._read(-1 if i is None else i, t, start, min(t.numel(), start + (1 << 18)))
 
     def base_at(self, start: int, stop: int) -> torch.Tensor:
         """``base[start:stop]`` in the compute dtype (a view when it is stored so)."""
@@ -168,6 +185,7 @@ class Stored:
             raise InvalidRecipe("this strategy needs a base model")
         out = t[::step].to(self.dtype, copy=True)
         release_pages(t, 0, t.numel())
+        self._check_values(-1 if i is None else i, out)
         return out
 
     def tile(
@@ -186,7 +204,9 @@ class Stored:
             if r1 - r0 == 1 or (c0 == 0 and c1 == width):
                 flat = self._read(key, t, r0 * width + c0, (r1 - 1) * width + c1)
                 return flat.view(r1 - r0, c1 - c0)
-            return grid[r0:r1, c0:c1].to(self.dtype)
+            values = grid[r0:r1, c0:c1].to(self.dtype)
+            self._check_values(key, values)
+            return values
 
         return read
 
@@ -198,11 +218,35 @@ class Stored:
             release_pages(t, mark, start)
             mark = start
         self._marks[key] = mark
-        return t[start:stop].to(self.dtype)
+        values = t[start:stop].to(self.dtype)
+        done = self._checked.get(key, 0)
+        if stop > done:
+            if start <= done:  # extends the checked prefix
+                self._check_values(key, values[done - start :])
+                self._checked[key] = stop
+            else:
+                self._check_values(key, values)
+        return values
+
+    def _check_values(self, key: int, values: torch.Tensor) -> None:
+        label = (
+            "the base"
+            if key < 0
+            else (self.labels[key] if key < len(self.labels) else f"input {key}")
+        )
+        check_finite(values, self.name, label)
+
+
+def check_finite(t: torch.Tensor, name: str, label: str) -> None:
+    """NaN/Inf policy: reject (``InvalidInput`` naming the tensor and the input). A sum is one
+    cheap pass and is non-finite whenever an element is; only then (or on an overflowing sum)
+    is the exact element-wise test run."""
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        raise InvalidInput(f"tensor {name!r} in {label} contains NaN or Inf; inputs must be finite")
 
 
 #: a forward pass over a file-mapped input releases what it has read in steps of this size
-_RELEASE_BYTES = 2 << 20
+_RELEASE_BYTES = 8 << 20
 
 
 @dataclass
@@ -257,6 +301,10 @@ def unstored(task: TensorTask) -> TensorTask:
     (the engine's whole-tensor path reads them the same way)."""
     st = task.stored
     assert st is not None
+
+    st.check(None)
+    for i in range(len(st.inputs)):
+        st.check(i)
 
     def whole(t: torch.Tensor) -> torch.Tensor:
         return t.to(st.dtype).view(st.shape)

@@ -186,6 +186,7 @@ def _slerp_stored(task: TensorTask) -> torch.Tensor:
         return _slerp(unstored(task)).to(st.out_dtype)
     n = ends[0].numel()
     if torch.equal(ends[0], ends[1]):
+        st.check(keys[0])  # the other endpoint holds the same values
         return ends[0].to(st.dtype).to(st.out_dtype).view(st.shape)
     tiles = [st.tile(k, 1, n) for k in keys]
     t = float(task.params["t"])

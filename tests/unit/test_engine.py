@@ -362,20 +362,93 @@ def test_stored_blockwise_and_whole_tensor_merges_are_bit_identical(
     assert stored.root == whole.root == blocked.root
 
 
-def test_nan_in_a_stored_input_is_rejected(tmp_path: Path) -> None:
-    """TIES reads bfloat16 inputs as stored (no upcast copy); a NaN there is still found."""
+STORED = [
+    ("linear", {}, False),
+    ("task_arithmetic", {}, True),
+    ("model_stock", {}, True),
+    ("ties", {"density": 0.5}, True),
+    ("dare_ties", {"density": 0.5}, True),
+    ("breadcrumbs_ties", {"density": 0.8, "gamma": 0.1}, True),
+    ("della", {"density": 0.5, "epsilon": 0.1}, True),
+    ("slerp", {"t": 0.5}, True),
+]
+
+
+@pytest.mark.parametrize("where", ["contribution", "base"])
+@pytest.mark.parametrize(("name", "params", "with_base"), STORED)
+def test_nan_or_inf_in_a_stored_input_is_rejected(
+    tmp_path: Path, name: str, params: dict, with_base: bool, where: str
+) -> None:
+    """Strategies reading bfloat16 inputs as stored (no upcast copy) find a NaN/Inf anywhere,
+    in any input, as the whole-tensor path does; nothing is written."""
+    if where == "base" and not with_base:
+        pytest.skip("no base")
     base = {"w": torch.linspace(-1, 1, 4096).reshape(64, 64).bfloat16()}
     good = {"w": (base["w"].float() + 0.01).bfloat16()}
+    bad_value = float("nan") if name in ("ties", "della") else float("inf")
+    bad_base = {"w": base["w"].clone()}
+    bad_base["w"][63, 60] = bad_value
     bad = {"w": good["w"].clone()}
-    bad["w"][5, 7] = float("inf")
-    base_path = _save(tmp_path, "base", base)
+    bad["w"][5, 7] = bad_value
+    base_path = _save(tmp_path, "base", bad_base if where == "base" else base)
     root = hash_tensors(open_tensors(base_path)).root
-    recipe = _recipe("ties", {"density": 0.5}, root)
+    recipe = _recipe(name, params, root if with_base else None)
+    inputs = [good] if name == "slerp" else [good, {"w": (good["w"].float() * 1.5).bfloat16()}]
+    if where == "contribution":
+        inputs[-1] = bad
+    contribs = [_contrib(_save(tmp_path, f"in{i}", t)) for i, t in enumerate(inputs)]
+    label = "the base" if where == "base" else "contribution .*"
     _fail(
         tmp_path / "1",
         InvalidInput,
-        "tensor 'w' in contribution .* NaN or Inf",
+        f"tensor 'w' in {label} contains NaN or Inf",
         recipe,
-        [_contrib(_save(tmp_path, "good", good)), _contrib(_save(tmp_path, "bad", bad))],
-        base=open_tensors(base_path),
+        contribs,
+        base=open_tensors(base_path) if with_base else None,
     )
+
+
+@pytest.mark.parametrize("name", ["model_stock", "slerp"])
+def test_inf_is_rejected_when_a_stored_merge_takes_its_identical_inputs_shortcut(
+    tmp_path: Path, name: str
+) -> None:
+    """Identical contributions are returned without a blend pass; an Inf in them (Inf equals
+    Inf) or in the base they skip is still rejected."""
+    base = {"w": torch.linspace(-1, 1, 4096).reshape(64, 64).bfloat16()}
+    same = {"w": (base["w"].float() + 0.01).bfloat16()}
+    same["w"][3, 3] = float("inf")
+    base_path = _save(tmp_path, "base", base)
+    root = hash_tensors(open_tensors(base_path)).root
+    # identical tensors, distinct roots (by their metadata)
+    contribs = [
+        _contrib(_save(tmp_path, f"s{i}", same), {"params": {"weight": 1.0 + i}}) for i in range(2)
+    ]
+    with_base = name == "model_stock"  # slerp: equal endpoints, two contributions, no base
+    recipe = _recipe(name, {} if with_base else {"t": 0.5}, root if with_base else None)
+    base_src = open_tensors(base_path) if with_base else None
+    _fail(
+        tmp_path / "1",
+        InvalidInput,
+        "tensor 'w' in contribution .* contains NaN or Inf",
+        recipe,
+        contribs,
+        base=base_src,
+    )
+    if with_base:  # finite identical contributions, Inf in the base they make no use of
+        bad_base = {"w": base["w"].clone()}
+        bad_base["w"][0, 1] = float("inf")
+        finite = {"w": (base["w"].float() + 0.01).bfloat16()}
+        contribs = [
+            _contrib(_save(tmp_path, f"f{i}", finite), {"params": {"weight": 1.0 + i}})
+            for i in range(2)
+        ]
+        bad_path = _save(tmp_path, "bad_base", bad_base)
+        recipe = _recipe(name, {}, hash_tensors(open_tensors(bad_path)).root)
+        _fail(
+            tmp_path / "2",
+            InvalidInput,
+            "tensor 'w' in the base contains NaN or Inf",
+            recipe,
+            contribs,
+            base=open_tensors(bad_path),
+        )
