@@ -159,6 +159,7 @@ class Stored:
     labels: Sequence[str] = ()
     _marks: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
     _checked: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+    _scratch: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def check(self, i: int | None) -> None:
         """Check all of input ``i`` (None: the base) for NaN/Inf, unless a pass already has."""
@@ -169,7 +170,11 @@ class Stored:
             self._read(-1 if i is None else i, t, start, min(t.numel(), start + (1 << 18)))
 
     def base_at(self, start: int, stop: int) -> torch.Tensor:
-        """``base[start:stop]`` in the compute dtype (a view when it is stored so)."""
+        """``base[start:stop]`` in the compute dtype (a view when it is stored so).
+
+        Like every read below, the result is valid until the next read of the same input
+        (it lives in a buffer reused per input): use it, or copy it, before reading on.
+        """
         if self.base is None:
             raise InvalidRecipe("this strategy needs a base model")
         return self._read(-1, self.base, start, stop)
@@ -218,7 +223,7 @@ class Stored:
             release_pages(t, mark, start)
             mark = start
         self._marks[key] = mark
-        values = t[start:stop].to(self.dtype)
+        values = self._upcast(key, t[start:stop])
         done = self._checked.get(key, 0)
         if stop > done:
             if start <= done:  # extends the checked prefix
@@ -227,6 +232,19 @@ class Stored:
             else:
                 self._check_values(key, values)
         return values
+
+    def _upcast(self, key: int, piece: torch.Tensor) -> torch.Tensor:
+        """``piece`` in the compute dtype, converted into this input's reused buffer (a fresh
+        tensor per chunk costs more in allocation and page faults than the conversion, and
+        ``copy_`` runs without the GIL, so the workers convert in parallel)."""
+        if piece.dtype == self.dtype:
+            return piece
+        n = piece.numel()
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=self.dtype)
+            self._scratch[key] = buf
+        return buf[:n].copy_(piece)
 
     def _check_values(self, key: int, values: torch.Tensor) -> None:
         label = (
