@@ -69,6 +69,7 @@ __all__ = [
     "combine",
     "combine_chunk",
     "combine_into",
+    "combine_task_vectors",
     "elect_sign",
     "fixed_sum",
     "histogram_summary",
@@ -89,6 +90,7 @@ __all__ = [
     "rank_drop",
     "rank_keep_bits",
     "rank_keep_prob",
+    "stored_task_vectors",
     "threshold_from_histograms",
     "topk_count",
     "topk_mask",
@@ -544,6 +546,63 @@ def combine_into(
         )
         if scratch is not None:
             out[start:stop].copy_(target)
+
+
+#: ``prune(i, delta, start)``: sparsify contribution ``i``'s task-vector chunk (flat elements
+#: ``start ..``) in place and return it.
+Prune = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+def combine_task_vectors(
+    task: TensorTask,
+    consensus: str | None,
+    out: torch.Tensor,
+    base: torch.Tensor,
+    base_at: Callable[[int, int], torch.Tensor],
+    input_at: Callable[[int, int, int], torch.Tensor],
+    prune: Prune | None = None,
+) -> torch.Tensor:
+    """:func:`combine_into` of the task vectors ``x_i - b`` formed chunk by chunk: the flat
+    ``out`` receives the merge with ``task``'s weights, ``normalize`` and ``lambda``.
+
+    ``base_at(a, b)`` / ``input_at(i, a, b)`` give flat elements ``a .. b - 1`` of the base /
+    input ``i`` in the compute dtype (e.g. :class:`~.base.Stored` reads); ``base`` is the flat
+    base in any float dtype (added last); ``prune`` sparsifies each chunk's task vectors.
+    Returns ``out``.
+    """
+    n_inputs = len(task.model_params)
+
+    def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
+        b = base_at(start, stop)
+        ds = [input_at(i, start, stop) - b for i in range(n_inputs)]
+        if prune is not None:
+            ds = [prune(i, d, start) for i, d in enumerate(ds)]
+        return ds
+
+    combine_into(
+        out,
+        deltas_at,
+        task.weights,
+        consensus=consensus,
+        normalize=bool(task.params["normalize"]),
+        lambda_=float(task.params["lambda"]),
+        base=base,
+    )
+    return out
+
+
+def stored_task_vectors(
+    task: TensorTask, consensus: str | None, prune: Prune | None = None
+) -> torch.Tensor:
+    """:func:`combine_task_vectors` over ``task.stored`` (each chunk upcast on the way), the
+    result written in the output dtype and shaped like the tensor."""
+    st = task.stored
+    assert st is not None
+    if st.base is None:
+        raise InvalidRecipe(f"tensor {task.name!r}: this strategy needs a base model")
+    out = torch.empty(st.base.numel(), dtype=st.out_dtype)
+    combine_task_vectors(task, consensus, out, st.base, st.base_at, st.input_at, prune)
+    return out.view(st.shape)
 
 
 def weight_totals(weights: Sequence[float]) -> tuple[bool, float]:

@@ -17,13 +17,13 @@ Then generalized task arithmetic (see ``ties``): ``breadcrumbs`` sums ``w_i * de
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ..errors import InvalidRecipe
 from . import _sparsify as sp
 from .base import ParamSpec, StrategySpec, TensorTask
 from .ties import DENSITY, LAMBDA, RESCALE_FALSE, SIGN_METHOD, gta_merge, normalize_param
@@ -53,32 +53,18 @@ def _stored(task: TensorTask, consensus: str | None) -> torch.Tensor:
     chunks are masked and combined as :func:`gta_merge` does, written in the output dtype."""
     st = task.stored
     assert st is not None
-    if st.base is None:
-        raise InvalidRecipe(f"tensor {task.name!r}: this strategy needs a base model")
-    n = st.base.numel()
+    n = math.prod(st.shape)
     rules = [_band(task, i, n) for i in range(len(st.inputs))]
 
-    def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
-        b = st.base_at(start, stop)
-        ds = [st.input_at(i, start, stop) - b for i in range(len(rules))]
-        for d, rule in zip(ds, rules, strict=True):
-            if rule is _DROP_ALL:
-                d.zero_()
-            elif isinstance(rule, sp.Band):
-                rule.zero_dropped(d, start)
-        return ds
+    def prune(i: int, d: torch.Tensor, start: int) -> torch.Tensor:
+        rule = rules[i]
+        if rule is _DROP_ALL:
+            return d.zero_()
+        if isinstance(rule, sp.Band):
+            return rule.zero_dropped(d, start)
+        return d
 
-    out = torch.empty(n, dtype=st.out_dtype)
-    sp.combine_into(
-        out,
-        deltas_at,
-        task.weights,
-        consensus=consensus,
-        normalize=bool(task.params["normalize"]),
-        lambda_=float(task.params["lambda"]),
-        base=st.base,
-    )
-    return out.view(st.shape)
+    return sp.stored_task_vectors(task, consensus, prune)
 
 
 #: the keep rule that drops every entry

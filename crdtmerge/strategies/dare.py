@@ -149,27 +149,21 @@ def drop_merge_into(
     make_drop: MakeDrop,
 ) -> None:
     """Drop each task vector (``make_drop(task, i, n, delta_at)``), then combine, into the
-    flat ``out``; ``base_at(a, b)`` / ``input_at(i, a, b)`` give elements ``a .. b - 1`` of the
-    flat base / input ``i`` in the compute dtype, ``base`` is the flat base (any float dtype;
-    added last). Shared by DARE and DELLA."""
+    flat ``out`` (see :func:`._sparsify.combine_task_vectors` for the readers). Shared by DARE
+    and DELLA."""
     n = out.numel()
     drops = [
         make_drop(task, i, n, lambda a, b, i=i: input_at(i, a, b) - base_at(a, b))
         for i in range(len(task.model_params))
     ]
-
-    def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
-        b = base_at(start, stop)
-        return [drop.apply(input_at(i, start, stop) - b, start) for i, drop in enumerate(drops)]
-
-    sp.combine_into(
+    sp.combine_task_vectors(
+        task,
+        consensus,
         out,
-        deltas_at,
-        task.weights,
-        consensus=consensus,
-        normalize=bool(task.params["normalize"]),
-        lambda_=float(task.params["lambda"]),
-        base=base,
+        base,
+        base_at,
+        input_at,
+        lambda i, d, start: drops[i].apply(d, start),
     )
 
 

@@ -101,25 +101,7 @@ def task_arithmetic(task: TensorTask) -> torch.Tensor:
 def task_arithmetic_stored(task: TensorTask) -> torch.Tensor:
     """:func:`task_arithmetic` from the stored inputs: the task vectors are formed chunk by
     chunk (``x_i - b`` is elementwise) and the result written in the output dtype."""
-    st = task.stored
-    assert st is not None and st.base is not None
-    n = math.prod(st.shape)
-    out = torch.empty(n, dtype=st.out_dtype)
-
-    def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
-        b = st.base_at(start, stop)
-        return [st.input_at(i, start, stop) - b for i in range(len(st.inputs))]
-
-    sp.combine_into(
-        out,
-        deltas_at,
-        task.weights,
-        consensus=None,
-        normalize=bool(task.params["normalize"]),
-        lambda_=float(task.params["lambda"]),
-        base=st.base,
-    )
-    return out.view(st.shape)
+    return sp.stored_task_vectors(task, None)
 
 
 NORMALIZE_TRUE = ParamSpec(

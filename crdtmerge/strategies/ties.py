@@ -169,22 +169,12 @@ def _ties_chunked(
             )
     out = torch.empty(n, dtype=out_dtype)  # cast chunk by chunk when it is not float32
 
-    def deltas_at(start: int, stop: int) -> list[torch.Tensor]:
-        b = base_at(start, stop)
-        ds = [input_at(i, start, stop) - b for i in range(len(cuts))]
-        for d, cut in zip(ds, cuts, strict=True):
-            if cut is not None:
-                sp.zero_unkept(d, cut.keep_np(sp.mag_bits(d), start))
-        return ds
+    def prune(i: int, d: torch.Tensor, start: int) -> torch.Tensor:
+        cut = cuts[i]
+        return d if cut is None else sp.zero_unkept(d, cut.keep_np(sp.mag_bits(d), start))
 
-    sp.combine_into(
-        out,
-        deltas_at,
-        task.weights,
-        consensus=str(task.params["sign_method"]),
-        normalize=bool(task.params["normalize"]),
-        lambda_=float(task.params["lambda"]),
-        base=base,
+    sp.combine_task_vectors(
+        task, str(task.params["sign_method"]), out, base, base_at, input_at, prune
     )
     return out.view(tuple(shape))
 
