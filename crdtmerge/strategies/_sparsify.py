@@ -81,6 +81,7 @@ __all__ = [
     "outlier_counts",
     "magnitude_topk",
     "mag_bits",
+    "Prune",
     "ordered_sum",
     "outlier_mask",
     "L1Rows",

@@ -115,56 +115,44 @@ def _dare(task: TensorTask, consensus: str | None) -> torch.Tensor:
     base = task.base.reshape(-1)
     xs = [x.reshape(-1) for x in task.inputs]
     out = torch.empty(task.base.shape, dtype=torch.result_type(xs[0], base))
-    drop_merge_into(
-        task,
-        consensus,
-        out.view(-1),
-        base,
-        lambda a, b: base[a:b],
-        lambda i, a, b: xs[i][a:b],
-        _dare_drop,
-    )
+
+    def base_at(a: int, b: int) -> torch.Tensor:
+        return base[a:b]
+
+    def input_at(i: int, a: int, b: int) -> torch.Tensor:
+        return xs[i][a:b]
+
+    prune = drop_pruner(task, base.numel(), base_at, input_at, _dare_drop)
+    sp.combine_task_vectors(task, consensus, out.view(-1), base, base_at, input_at, prune)
     return out
 
 
 def stored_drop_merge(task: TensorTask, consensus: str | None, make_drop: MakeDrop) -> torch.Tensor:
-    """:func:`drop_merge_into` over ``task.stored`` (chunks upcast on the way), written in the
-    output dtype."""
+    """Drop each task vector, then combine, from ``task.stored`` (chunks upcast on the way),
+    written in the output dtype. Shared by DARE and DELLA."""
     st = task.stored
     assert st is not None
     if st.base is None:
         raise InvalidRecipe(f"tensor {task.name!r}: this strategy needs a base model")
-    out = torch.empty(st.base.numel(), dtype=st.out_dtype)
-    drop_merge_into(task, consensus, out, st.base, st.base_at, st.input_at, make_drop)
-    return out.view(st.shape)
+    prune = drop_pruner(task, st.base.numel(), st.base_at, st.input_at, make_drop)
+    return sp.stored_task_vectors(task, consensus, prune)
 
 
-def drop_merge_into(
+def drop_pruner(
     task: TensorTask,
-    consensus: str | None,
-    out: torch.Tensor,
-    base: torch.Tensor,
+    n: int,
     base_at: Chunk,
     input_at: Callable[[int, int, int], torch.Tensor],
     make_drop: MakeDrop,
-) -> None:
-    """Drop each task vector (``make_drop(task, i, n, delta_at)``), then combine, into the
-    flat ``out`` (see :func:`._sparsify.combine_task_vectors` for the readers). Shared by DARE
-    and DELLA."""
-    n = out.numel()
+) -> sp.Prune:
+    """Every contribution's :class:`Drop` (``make_drop(task, i, n, delta_at)``, decided up
+    front over chunks of ``x_i - b``), as the ``prune`` of
+    :func:`._sparsify.combine_task_vectors`."""
     drops = [
         make_drop(task, i, n, lambda a, b, i=i: input_at(i, a, b) - base_at(a, b))
         for i in range(len(task.model_params))
     ]
-    sp.combine_task_vectors(
-        task,
-        consensus,
-        out,
-        base,
-        base_at,
-        input_at,
-        lambda i, d, start: drops[i].apply(d, start),
-    )
+    return lambda i, d, start: drops[i].apply(d, start)
 
 
 def dare_linear(task: TensorTask) -> torch.Tensor:
