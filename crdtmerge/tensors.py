@@ -835,14 +835,28 @@ def _storage_errors(what: object) -> Iterator[None]:
         raise StorageError(f"{what}: cannot write: {exc.strerror or exc}") from exc
 
 
+def _umask() -> int:
+    """The process umask (read once; setting it back at once is safe at import time)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: permissions of written files: what ``open(path, "w")`` would give (mkstemp makes 0600)
+_FILE_MODE = 0o666 & ~_umask()
+
+
 class _TempFile:
-    """A temporary file next to its final name; committed by fsync + rename."""
+    """A temporary file next to its final name; committed by fsync + rename. It gets the
+    permissions an ordinary new file would (0644 under the usual umask), not mkstemp's 0600."""
 
     def __init__(self, final: Path) -> None:
         self.final = final
         fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
         self.path = Path(name)
         self.file = os.fdopen(fd, "wb", buffering=0)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _FILE_MODE)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -488,3 +490,16 @@ def test_release_pages_drops_resident_pages_and_keeps_the_values(tmp_path: Path)
         del t
         gc.collect()
         assert key not in tensors_module._MAPPINGS  # the entry left with its mapping
+
+
+def test_written_files_get_the_mode_of_an_ordinary_new_file(tmp_path: Path) -> None:
+    """Not mkstemp's 0600: a merged model must be readable as any file the user writes."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    single = tmp_path / "one.safetensors"
+    write_tensors(single, {"w": torch.ones(3)})
+    infos = [TensorInfo.of("w", torch.ones(3))]
+    with StreamingWriter(tmp_path / "dir", infos) as w:
+        w.write("w", torch.ones(3))
+    for path in (single, tmp_path / "dir" / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
