@@ -271,13 +271,25 @@ def chunked_cut(
     found = None
     if sample is not None and n >= 4 * _SAMPLE:
         found = _bracketed_kth(chunks, n, k, sample)
-    t, above, equal = found if found is not None else _magnitude_kth_float32(chunks, n, k)
+    band: list[np.ndarray] | None = None
+    if found is not None:
+        t, above, equal, band = found
+    else:
+        t, above, equal = _magnitude_kth_float32(chunks, n, k)
     need = k - above
     if need == equal:
         return Cut(t, n)
+    # the index tie-break: the flat position of the need-th entry equal to the k-th value. The
+    # bracket kept each chunk's in-band magnitudes (every tie is in the band), so only the
+    # chunk holding that entry is read again.
     key = int(t.reshape(1).view(torch.int32)[0])
     seen = 0
-    for start in range(0, n, CHUNK):
+    for index, start in enumerate(range(0, n, CHUNK)):
+        if band is not None:
+            here = int(np.count_nonzero(band[index] == key))
+            if seen + here < need:
+                seen += here
+                continue
         ties = mag_bits(chunks(start, min(start + CHUNK, n))) == key
         here = int(np.count_nonzero(ties))
         if seen + here >= need:
@@ -293,8 +305,10 @@ _SAMPLE = 1 << 16
 
 def _bracketed_kth(
     chunks: Chunks, n: int, k: int, sample: Callable[[int], torch.Tensor]
-) -> tuple[torch.Tensor, int, int] | None:
-    """The ``(threshold, above, equal)`` of :func:`_magnitude_kth_float32` in one pass, or None.
+) -> tuple[torch.Tensor, int, int, list[np.ndarray]] | None:
+    """The ``(threshold, above, equal)`` of :func:`_magnitude_kth_float32` in one pass, or None;
+    also each ``CHUNK``'s magnitude bits inside the band, in order (every entry equal to the
+    threshold is among them).
 
     A strided sample of about ``_SAMPLE`` magnitudes gives a band of keys that holds the k-th
     largest with overwhelming probability (its sample rank +- 6 standard deviations of a
@@ -336,7 +350,7 @@ def _bracketed_kth(
     above += int(np.count_nonzero(vals > key))
     equal = int(np.count_nonzero(vals == key))
     threshold = torch.tensor([key], dtype=torch.int32).view(torch.float32)[0]
-    return threshold, above, equal
+    return threshold, above, equal, band
 
 
 def magnitude_topk(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -695,3 +695,33 @@ def test_della_drop_equals_the_masked_fill_definition() -> None:
     expected = x.clone().masked_fill_(u >= sp.rank_keep_prob(x, 0.5, 0.1), 0.0)
     exact(sp.rank_drop(task, 0, x.clone(), 0.5, 0.1, None), expected)
     exact(sp.rank_drop(task, 0, x.double(), 0.5, 0.1, None), expected.double())
+
+
+def test_bracketed_cut_breaks_ties_by_index_rereading_one_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A threshold value shared by many entries across many chunks: the cut keeps the first
+    ``need`` of them by flat index (as topk_mask does), and finds them from the bracket's
+    in-band magnitudes, reading one chunk again instead of the whole vector."""
+    monkeypatch.setattr(_topk, "_SAMPLE", 4096)
+    monkeypatch.setattr(_topk, "CHUNK", 2048)
+    rng = np.random.Generator(np.random.PCG64(9))
+    n = 200_000
+    x = rng.uniform(-1.0, 1.0, n)
+    spike = rng.random(n) < 0.02
+    x[spike] = np.where(rng.random(int(spike.sum())) < 0.5, 0.5, -0.5)  # |x| = 0.5, ~2%
+    t = torch.from_numpy(x.astype(np.float32))
+    above = int((t.abs() > 0.5).sum())
+    equal = int((t.abs() == 0.5).sum())
+    reads: list[int] = []
+
+    def chunks(a: int, b: int) -> torch.Tensor:
+        reads.append(a)
+        return t[a:b]
+
+    for k in (above + 1, above + equal // 3, above + equal - 1):
+        reads.clear()
+        cut = sp.chunked_cut(chunks, n, k, sample=lambda step: t[::step])
+        assert float(cut.t) == 0.5 and cut.until < n  # the bracket found it; ties split
+        assert torch.equal(cut.top(t, 0), sp.topk_mask(t.abs(), k))
+        assert len(reads) == -(-n // 2048) + 1  # the counting pass and one chunk again
