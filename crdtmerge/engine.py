@@ -55,13 +55,7 @@ from .plan import MergePlan, TensorPlan, make_plan
 from .recipe import Recipe
 from .rng import CounterRNG, tensor_key
 from .strategies.base import Stored, TensorTask, check_finite
-from .tensors import (
-    StreamingWriter,
-    TensorInfo,
-    TensorSource,
-    dtype_code,
-    tensor_bytes,
-)
+from .tensors import StreamingWriter, TensorInfo, TensorSource, dtype_code, tensor_bytes
 
 __all__ = ["Contribution", "MergeResult", "hash_source", "merge", "plan_merge"]
 
@@ -349,14 +343,12 @@ class _Runner:
             else None
         )
         inputs = _LazyInputs(
-            [(c.source, f"contribution {c.root.hex()[:16]}") for c in plan.contributions],
+            [(c.source, _label(c)) for c in plan.contributions],
             lambda src, label: self._load(src, tp.name, tp.compute_dtype, label, rows),
         )
         side = [
             {
-                kind: self._load(
-                    c.source, side_name, tp.compute_dtype, f"contribution {c.root.hex()[:16]}"
-                )
+                kind: self._load(c.source, side_name, tp.compute_dtype, _label(c))
                 for kind, side_name in sides.items()
             }
             for c, sides in zip(plan.contributions, tp.side, strict=True)
@@ -390,15 +382,8 @@ class _Runner:
 
     def _stored_task(self, tp: TensorPlan) -> TensorTask:
         plan = self.plan
-        labelled = [(c.source, f"contribution {c.root.hex()[:16]}") for c in plan.contributions]
-        if plan.base is not None:
-            labelled.insert(0, (plan.base, "the base"))
         # NaN/Inf are found as the strategy reads each chunk (Stored checks every first read)
-        flat = [source.tensor(tp.name).reshape(-1) for source, _ in labelled]
-        labels = [label for _, label in labelled]
-        base = flat.pop(0) if plan.base is not None else None
-        if plan.base is not None:
-            labels.pop(0)
+        base = plan.base.tensor(tp.name).reshape(-1) if plan.base is not None else None
         return TensorTask(
             name=tp.name,
             base=None,
@@ -411,12 +396,12 @@ class _Runner:
             num_layers=plan.num_layers,
             stored=Stored(
                 base,
-                tuple(flat),
+                tuple(c.source.tensor(tp.name).reshape(-1) for c in plan.contributions),
                 tp.shape,
                 tp.compute_dtype,
                 tp.out_dtype,
                 name=tp.name,
-                labels=tuple(labels),
+                labels=tuple(_label(c) for c in plan.contributions),
             ),
         )
 
@@ -535,6 +520,11 @@ class _torch_threads:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self.saved)
+
+
+def _label(c: Contribution) -> str:
+    """How errors name a contribution."""
+    return f"contribution {c.root.hex()[:16]}"
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -163,11 +163,12 @@ class Stored:
 
     def check(self, i: int | None) -> None:
         """Check all of input ``i`` (None: the base) for NaN/Inf, unless a pass already has."""
-        t = self.base if i is None else self.inputs[i]
-        if t is None:
+        if i is None and self.base is None:
             return
-        for start in range(self._checked.get(-1 if i is None else i, 0), t.numel(), 1 << 18):
-            self._read(-1 if i is None else i, t, start, min(t.numel(), start + (1 << 18)))
+        key, t = self._source(i)
+        n = t.numel()
+        for start in range(self._checked.get(key, 0), n, _CHECK_CHUNK):
+            self._read(key, t, start, min(n, start + _CHECK_CHUNK))
 
     def base_at(self, start: int, stop: int) -> torch.Tensor:
         """``base[start:stop]`` in the compute dtype (a view when it is stored so).
@@ -175,9 +176,7 @@ class Stored:
         Like every read below, the result is valid until the next read of the same input
         (it lives in a buffer reused per input): use it, or copy it, before reading on.
         """
-        if self.base is None:
-            raise InvalidRecipe("this strategy needs a base model")
-        return self._read(-1, self.base, start, stop)
+        return self._read(*self._source(None), start, stop)
 
     def input_at(self, i: int, start: int, stop: int) -> torch.Tensor:
         """``inputs[i][start:stop]`` in the compute dtype (a view when it is stored so)."""
@@ -185,12 +184,10 @@ class Stored:
 
     def sample(self, i: int | None, step: int) -> torch.Tensor:
         """Elements ``0, step, 2 step, ...`` of input ``i`` (None: the base), compute dtype."""
-        t = self.base if i is None else self.inputs[i]
-        if t is None:
-            raise InvalidRecipe("this strategy needs a base model")
+        key, t = self._source(i)
         out = t[::step].to(self.dtype, copy=True)
         release_pages(t, 0, t.numel())
-        self._check_values(-1 if i is None else i, out)
+        self._check_values(key, out)
         return out
 
     def tile(
@@ -199,10 +196,7 @@ class Stored:
         """``tile(r0, r1, c0, c1)``: ``x[r0:r1, c0:c1]`` in the compute dtype, ``x`` input ``i``
         (None: the base) seen as ``rows x width``. A tile of whole rows or of one row is a flat
         range and is read through :meth:`input_at` (so a forward pass releases what it left)."""
-        t = self.base if i is None else self.inputs[i]
-        if t is None:
-            raise InvalidRecipe("this strategy needs a base model")
-        key = -1 if i is None else i
+        key, t = self._source(i)
         grid = t.view(rows, width)
 
         def read(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
@@ -214,6 +208,14 @@ class Stored:
             return values
 
         return read
+
+    def _source(self, i: int | None) -> tuple[int, torch.Tensor]:
+        """``(key, tensor)`` of input ``i``, the base for None (key -1)."""
+        if i is not None:
+            return i, self.inputs[i]
+        if self.base is None:
+            raise InvalidRecipe("this strategy needs a base model")
+        return -1, self.base
 
     def _read(self, key: int, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         mark = self._marks.get(key, 0)
@@ -262,6 +264,9 @@ def check_finite(t: torch.Tensor, name: str, label: str) -> None:
     if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise InvalidInput(f"tensor {name!r} in {label} contains NaN or Inf; inputs must be finite")
 
+
+#: elements per read of :meth:`Stored.check`
+_CHECK_CHUNK = 1 << 18
 
 #: a forward pass over a file-mapped input releases what it has read in steps of this size
 _RELEASE_BYTES = 8 << 20
@@ -320,17 +325,16 @@ def unstored(task: TensorTask) -> TensorTask:
     st = task.stored
     assert st is not None
 
-    st.check(None)
-    for i in range(len(st.inputs)):
-        st.check(i)
-
-    def whole(t: torch.Tensor) -> torch.Tensor:
-        return t.to(st.dtype).view(st.shape)
+    def whole(i: int | None) -> torch.Tensor:
+        key, t = st._source(i)
+        values = t.to(st.dtype).view(st.shape)
+        st._check_values(key, values)  # the engine's check, on the copy the merge will use
+        return values
 
     return replace(
         task,
-        base=whole(st.base) if st.base is not None else None,
-        inputs=[whole(x) for x in st.inputs],
+        base=whole(None) if st.base is not None else None,
+        inputs=[whole(i) for i in range(len(st.inputs))],
         stored=None,
     )
 
