@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,6 +101,8 @@ __all__ = [
     "zero_unkept",
 ]
 
+_LITTLE = sys.byteorder == "little"
+
 # Row length of the fixed-order reduction (l1_norm's first level must match fixed_sum's).
 _ROW = ROW
 
@@ -135,15 +138,15 @@ class L1Rows:
     Lets a loop that produces the vector chunk by chunk (e.g. DARE's masked deltas) take its L1
     norm on the way, without the whole vector: each piece's rows of 4096 ``|x|`` are summed
     into the first level of :func:`fixed_sum`, whose result does not depend on the pieces.
-    Pieces must start at multiples of 4096 (``CHUNK`` is one); a vector of at most 4096
-    elements is one piece.
+    Pieces must start at multiples of 4096 (``CHUNK`` is one), except in a vector of at most
+    4096 elements, which is kept and summed whole at the end.
     """
 
     def __init__(self, n: int) -> None:
         self._m = n // _ROW
         tail = 1 if n > self._m * _ROW else 0
         self._rows = torch.empty(self._m + tail, dtype=torch.float64) if n > _ROW else None
-        self._small = 0.0
+        self._small = torch.zeros(n if n <= _ROW else 0, dtype=torch.float32)
 
     def add(self, start: int, piece: torch.Tensor) -> None:
         """Account for ``piece``, the elements ``start .. start + len(piece) - 1``."""
@@ -151,8 +154,8 @@ class L1Rows:
 
     def add_abs(self, start: int, mags: torch.Tensor) -> None:
         """:meth:`add` of a piece whose magnitudes ``mags = |piece|`` the caller already has."""
-        if self._rows is None:
-            self._small = float(mags.sum(dtype=torch.float64))
+        if self._rows is None:  # summed whole at the end, however it arrived
+            self._small[start : start + mags.numel()] = mags
             return
         stop = start + mags.numel()
         full = min(stop, self._m * _ROW)
@@ -166,7 +169,7 @@ class L1Rows:
     def total(self) -> float:
         """The L1 norm of everything added, as :func:`l1_norm` computes it."""
         if self._rows is None:
-            return self._small
+            return float(self._small.sum(dtype=torch.float64))
         return float(fixed_sum(self._rows, torch.float64))
 
 
@@ -318,23 +321,47 @@ def rank_keep_bits(
     delta_at: Callable[[int, int], torch.Tensor],
     density: float,
     epsilon: float,
-) -> torch.Tensor:
+    *,
+    l1: bool = False,
+) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """:func:`rank_drop`'s decisions as int8 keep bits (-1 keep, 0 drop; see
     :func:`zero_dropped`) over a float32 delta of ``n`` elements in rows of ``cols``, given as
-    ``delta_at(a, b)`` (flat elements ``a .. b - 1``). The same row blocks, ranks and
-    uniforms (the generator seeks to each block), so the same bits as ``rank_drop``."""
+    ``delta_at(a, b)`` (flat elements ``a .. b - 1``), read once. The same ranks and uniforms
+    (the generator seeks to each block of rows), so the same bits as ``rank_drop``.
+
+    With ``l1``, also the L1 norms of the delta before and after the drop, taken on the way
+    (:class:`L1Rows`: row blocks start at multiples of its rows of 4096), else None.
+
+    The keep test ``u < p`` with ``u = (w >> 8) * 2**-24`` is evaluated on the words ``w``
+    themselves: it holds exactly when ``w < ceil(p * 2**24) * 256`` (:func:`_keep_word_table`).
+    """
     out = np.empty(n, dtype=np.int8)
     rows = n // cols if cols else 0
-    step = max(1, CHUNK // max(cols, 1))
+    step = _row_block(cols)
+    before, after = (L1Rows(n), L1Rows(n)) if l1 else (None, None)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         a, b = r0 * cols, r1 * cols
-        p = rank_keep_prob(delta_at(a, b).view(r1 - r0, cols), density, epsilon)
-        words = task.rng.words(b - a, task.streams[i], a) >> np.uint32(8)
-        draws = words.astype(np.float32) * np.float32(2.0**-24)
-        keep = np.less(draws, p.reshape(-1).numpy())
-        np.negative(keep.view(np.int8), out=out[a:b])
-    return torch.from_numpy(out)
+        mags = delta_at(a, b).abs_()
+        limits = _rank_scatter(mags.view(r1 - r0, cols), _keep_word_table(cols, density, epsilon))
+        words = task.rng.words(b - a, task.streams[i], a)
+        keep = np.less(words, limits.reshape(-1).numpy().view(np.uint32))
+        bits = np.negative(keep.view(np.int8), out=out[a:b])
+        if before is not None and after is not None:
+            before.add_abs(a, mags)  # |dropped d| = dropped |d| (both +0.0 or |d|)
+            after.add_abs(a, zero_dropped(mags, torch.from_numpy(bits)))
+    keep_bits = torch.from_numpy(out)
+    if before is None or after is None:
+        return keep_bits, None
+    return keep_bits, (before.total(), after.total())
+
+
+def _row_block(cols: int) -> int:
+    """Rows per block of :func:`rank_keep_bits`: about ``CHUNK`` elements, and a whole number
+    of :class:`L1Rows` rows (4096 elements) per block wherever that fits a few chunks."""
+    step = max(1, CHUNK // max(cols, 1))
+    align = _ROW // math.gcd(max(cols, 1), _ROW)  # rows per multiple of 4096 elements
+    return max(align, step - step % align)
 
 
 def rank_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -347,25 +374,74 @@ def rank_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch
     cols = delta.shape[-1] if delta.dim() else 1
     if cols == 1:
         return torch.full(delta.shape, density, dtype=torch.float32)
-    rows = delta.reshape(-1, cols).abs()
-    shift = (cols - 1).bit_length()
-    if rows.dtype == torch.float32 and shift <= 32:
-        # unique int64 keys (|x| bits, column index): sorting the keys alone orders by
-        # (|x|, index) whatever the algorithm, and numpy's SIMD sort is much faster than an
-        # argsort; the column index comes back from the low bits.
-        keys = rows.contiguous().view(torch.int32).to(torch.int64).numpy()
-        keys <<= shift
-        keys |= np.arange(cols, dtype=np.int64)
-        keys.sort(axis=1)
-        keys &= (1 << shift) - 1
-        order = torch.from_numpy(keys)
-    else:
-        order = torch.sort(rows, dim=1, stable=True).indices
-    # p depends on the rank alone: the table of p by rank, placed at each entry's column
-    table = _keep_prob_table(cols, density, epsilon)
-    p = torch.empty(order.shape, dtype=torch.float32)
-    p.scatter_(1, order, table.expand(order.shape))
+    p = _rank_scatter(delta.reshape(-1, cols).abs(), _keep_prob_table(cols, density, epsilon))
     return p.reshape(delta.shape)
+
+
+def _rank_scatter(mags: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[r, c] = table[rank of mags[r, c] in row r]``: ranks ascending by (value, column).
+
+    ``table`` has one entry per column (a one-column row takes ``table[0]``)."""
+    order = _row_order(mags)
+    out = torch.empty(order.shape, dtype=table.dtype)
+    return out.scatter_(1, order, table.expand(order.shape))
+
+
+def _row_order(rows: torch.Tensor) -> torch.Tensor:
+    """Per row of the non-negative ``rows``, the column indices in ascending (value, column)
+    order (int64): the order of a stable sort, whatever sort runs.
+
+    float32 rows sort packed integer keys with numpy's SIMD sort. The value bits of a float32
+    ``>= 0`` are in the same order as the values, so ``(bits >> s) << b | column`` (``b``
+    column bits, ``s`` the fewest value bits dropped to fit 32 bits) sorts as (value, column)
+    unless two values of a row differ only in the dropped bits; rows where that reorders
+    anything (their values read in key order are not ascending) are sorted again with exact
+    64-bit keys. Bf16 fine-tunes' deltas rarely need it (one row in a few hundred).
+    """
+    r, cols = rows.shape
+    bits = (cols - 1).bit_length()
+    if rows.dtype != torch.float32 or bits > 31 or not _LITTLE:
+        return torch.sort(rows, dim=1, stable=True).indices
+    m = rows.contiguous().view(torch.int32).numpy()
+    top = int(m.max()) if m.size else 0
+    shift = max(0, top.bit_length() - (32 - bits))
+    keys = np.right_shift(m.view(np.uint32), np.uint32(shift))
+    keys <<= np.uint32(bits)
+    keys |= np.arange(cols, dtype=np.uint32)
+    signed = keys.view(np.int32)
+    signed ^= np.int32(-(2**31))  # unsigned order as signed order: numpy sorts int32 fastest
+    signed.sort(axis=1)
+    signed &= np.int32((1 << bits) - 1)
+    order = torch.from_numpy(signed).to(torch.int64)
+    if shift:
+        seen = torch.gather(torch.from_numpy(m), 1, order).numpy()
+        redo = np.flatnonzero((seen[:, 1:] < seen[:, :-1]).any(axis=1))
+        if redo.size:
+            index = torch.from_numpy(redo)
+            order[index] = _row_order_exact(rows[index])
+    return order
+
+
+def _row_order_exact(rows: torch.Tensor) -> torch.Tensor:
+    """:func:`_row_order` of float32 rows by unique int64 keys (value bits, column)."""
+    cols = rows.shape[1]
+    shift = (cols - 1).bit_length()
+    keys = rows.contiguous().view(torch.int32).to(torch.int64).numpy()
+    keys <<= shift
+    keys |= np.arange(cols, dtype=np.int64)
+    keys.sort(axis=1)
+    keys &= (1 << shift) - 1
+    return torch.from_numpy(keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _keep_word_table(cols: int, density: float, epsilon: float) -> torch.Tensor:
+    """For ranks ``0 .. cols - 1``: the least 32-bit word that fails the keep test (``u < p``
+    iff ``w < _drop_bound(p) << 8``), as the bits of a uint32 held in int32 (torch scatters
+    int32). ``0 < p < 1``, so it fits. A one-column row has ``p = density``."""
+    p = [density] if cols == 1 else _keep_prob_table(cols, density, epsilon).tolist()
+    limits = np.array([_drop_bound(v) << 8 for v in p], dtype=np.uint32)
+    return torch.from_numpy(limits.view(np.int32))
 
 
 @functools.lru_cache(maxsize=16)

@@ -50,6 +50,8 @@ class Drop:
         l1: rescale by ``L1(delta) / L1(kept)`` (fixed-order float64 norms; skipped when
             either is < 1e-7).
         divisor: else divide the survivors by this (None: no rescale).
+        norms: with ``l1``, the two norms when the caller took them on its own pass over the
+            delta (:func:`._sparsify.rank_keep_bits`); else they are taken here.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Drop:
         *,
         l1: bool = False,
         divisor: float | None = None,
+        norms: tuple[float, float] | None = None,
     ) -> None:
         self.keep = keep
         self.scale: float | None = None
@@ -67,12 +70,7 @@ class Drop:
         if keep is None:
             return
         if l1:
-            before, after = sp.L1Rows(n), sp.L1Rows(n)
-            for start in range(0, n, sp.CHUNK):
-                mags = delta_at(start, min(n, start + sp.CHUNK)).abs_()
-                before.add_abs(start, mags)  # |dropped d| = dropped |d| (both +0.0 or |d|)
-                after.add_abs(start, sp.zero_dropped(mags, keep[start : start + sp.CHUNK]))
-            b, a = before.total(), after.total()
+            b, a = norms if norms is not None else _l1_norms(keep, n, delta_at)
             if b >= 1e-7 and a >= 1e-7:
                 self.scale = b / a
         else:
@@ -87,6 +85,16 @@ class Drop:
         elif self.divisor is not None:
             delta /= self.divisor
         return delta
+
+
+def _l1_norms(keep: torch.Tensor, n: int, delta_at: Chunk) -> tuple[float, float]:
+    """The L1 norms of the delta before and after the drop by ``keep`` (one chunked pass)."""
+    before, after = sp.L1Rows(n), sp.L1Rows(n)
+    for start in range(0, n, sp.CHUNK):
+        mags = delta_at(start, min(n, start + sp.CHUNK)).abs_()
+        before.add_abs(start, mags)  # |dropped d| = dropped |d| (both +0.0 or |d|)
+        after.add_abs(start, sp.zero_dropped(mags, keep[start : start + sp.CHUNK]))
+    return before.total(), after.total()
 
 
 def _dare_drop(task: TensorTask, i: int, n: int, delta_at: Chunk) -> Drop:

@@ -70,15 +70,17 @@ def della_linear(task: TensorTask) -> torch.Tensor:
 
 def _stored_drop(task: TensorTask, i: int, n: int, delta_at: Chunk) -> Drop:
     """:func:`magprune` as keep bits decided row block by row block (the same ranks, the same
-    uniforms, the same ``u < p`` test), then the L1 rescale from two chunked norms."""
+    uniforms, the same ``u < p`` test), with the L1 rescale's two norms taken on the same
+    pass."""
     density, epsilon = _density_epsilon(task, i)
     if density >= 1.0:
         return Drop(None, n, delta_at)
     assert task.stored is not None
     shape = task.stored.shape
     cols = shape[-1] if shape else 1
-    keep = sp.rank_keep_bits(task, i, n, cols, delta_at, density, epsilon)
-    return Drop(keep, n, delta_at, l1=bool(task.params["rescale"]))
+    l1 = bool(task.params["rescale"])
+    keep, norms = sp.rank_keep_bits(task, i, n, cols, delta_at, density, epsilon, l1=l1)
+    return Drop(keep, n, delta_at, l1=l1, norms=norms)
 
 
 def della_stored(task: TensorTask) -> torch.Tensor:

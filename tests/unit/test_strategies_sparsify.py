@@ -219,6 +219,69 @@ def test_rank_keep_probabilities_match_a_stable_sort() -> None:
     exact(sp.rank_keep_prob(x.double(), 0.5, 0.1), expected)
 
 
+def test_row_order_resorts_rows_whose_packed_keys_collide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 32-bit keys drop low value bits; a row where two values differ only there (and the
+    larger has the smaller column) is sorted again exactly, and only such rows are."""
+    rng = np.random.Generator(np.random.PCG64(9))
+    x = torch.from_numpy(np.abs(rng.standard_normal((6, 1024))).astype(np.float32))
+    x = x.to(torch.bfloat16).float()  # few value bits, as bf16 deltas mostly have
+    bits = x.view(torch.int32)
+    bits[2, 10] = bits[2, 900] + 3  # same top bits, larger value at the smaller column
+    bits[4, 5] = bits[4, 6]  # an exact tie: ordered by column, no re-sort needed
+    redone: list[int] = []
+    exact_sort = sp._row_order_exact
+
+    def spy(rows: torch.Tensor) -> torch.Tensor:
+        redone.append(rows.shape[0])
+        return exact_sort(rows)
+
+    monkeypatch.setattr(sp, "_row_order_exact", spy)
+    got = sp._row_order(x)
+    assert torch.equal(got, torch.sort(x, dim=1, stable=True).indices)
+    assert redone == [1]
+    # values small enough to need no dropped bits: no check, no re-sort
+    small = x.view(-1)[:2048].clone().view(2, 1024) * 2.0**-120
+    redone.clear()
+    assert torch.equal(sp._row_order(small), torch.sort(small, dim=1, stable=True).indices)
+    assert redone == []
+
+
+def test_keep_word_limits_decide_as_the_uniforms_do() -> None:
+    """``w < limit`` is ``(w >> 8) * 2**-24 < p`` at both sides of every limit."""
+    table = sp._keep_word_table(257, 0.5, 0.3)
+    probs = sp._keep_prob_table(257, 0.5, 0.3)
+    limits = table.numpy().view(np.uint32).astype(np.int64)
+    for w_off in (-257, -256, -1, 0, 255):
+        words = np.clip(limits + w_off, 0, 2**32 - 1).astype(np.uint32)
+        u = torch.from_numpy((words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24))
+        assert torch.equal(torch.from_numpy(words < limits), u < probs)
+    assert sp._keep_word_table(1, 0.25, 0.2).numpy().view(np.uint32).tolist() == [2**30]
+
+
+def test_rank_keep_bits_take_the_l1_norms_on_the_same_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Row blocks of whole L1 rows (small chunks: many blocks): the bits are
+    ``u < rank_keep_prob`` and the two norms are those of the delta before and after the drop."""
+    monkeypatch.setattr(sp, "CHUNK", 8192)
+    rng = np.random.Generator(np.random.PCG64(10))
+    for shape in [(70, 1024), (2000, 8), (1030, 1000), (5000,), (3, 7)]:
+        x = torch.from_numpy((rng.standard_normal(shape) / 8).astype(np.float32))
+        _, task = make("della", torch.zeros_like(x), [x], {}, {"density": 0.5})
+        n, cols = x.numel(), shape[-1]
+        flat = x.reshape(-1)
+
+        def delta_at(a: int, b: int, flat: torch.Tensor = flat) -> torch.Tensor:
+            return flat[a:b].clone()
+
+        keep, norms = sp.rank_keep_bits(task, 0, n, cols, delta_at, 0.5, 0.2, l1=True)
+        u = sp.Uniforms(task, 0, n)(0, n).view_as(x)
+        assert torch.equal((keep != 0).view_as(x), u < sp.rank_keep_prob(x, 0.5, 0.2))
+        kept = x.masked_fill(keep.view_as(x) == 0, 0.0)
+        assert norms == (sp.l1_norm(x), sp.l1_norm(kept))
+        assert sp.rank_keep_bits(task, 0, n, cols, delta_at, 0.5, 0.2)[1] is None
+
+
 # ----------------------------------------------------------------------------- linear / TA
 
 BASE = f32(0, 0, 0, 0)
