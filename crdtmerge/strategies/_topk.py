@@ -33,6 +33,7 @@ __all__ = [
     "Cut",
     "Keep",
     "chunked_cut",
+    "chunked_cuts",
     "histogram_summary",
     "magnitude_cut",
     "magnitude_key",
@@ -265,12 +266,69 @@ def chunked_cut(
 
     ``sample(step)``, if given, returns the float32 values at flat positions ``0, step, 2 step,
     ...``: then the k-th largest magnitude is first bracketed from that sample and found in one
-    pass (:func:`_bracketed_kth`); the exact radix select runs only when the bracket misses.
+    pass (:func:`chunked_cuts`); the exact radix select runs only when the bracket misses.
     Either way the result is the same exact cut.
     """
-    found = None
-    if sample is not None and n >= 4 * _SAMPLE:
-        found = _bracketed_kth(chunks, n, k, sample)
+    return chunked_cuts(lambda a, b: (chunks(a, b),), n, [(0, k)], [sample])[0]
+
+
+Sample = Callable[[int], torch.Tensor]
+
+
+def chunked_cuts(
+    chunks: Callable[[int, int], Sequence[torch.Tensor]],
+    n: int,
+    wanted: Sequence[tuple[int, int]],
+    samples: Sequence[Sample | None],
+) -> list[Cut]:
+    """Several :func:`chunked_cut` at once over vectors of ``n`` float32 values read together:
+    ``chunks(a, b)`` gives elements ``a .. b - 1`` of every vector (e.g. the deltas
+    ``x_i - base`` of all contributions, from one read of the base), ``wanted`` lists
+    ``(vector, k)`` with ``0 < k < n`` and ``samples[vector]`` is that vector's strided sample
+    (or None).
+
+    Every cut with a sample is bracketed from it (:class:`_BandCount`), and one pass over the
+    chunks counts all the brackets; a cut whose bracket misses (or that has no sample) takes the
+    exact radix select over its own vector. The results are those of separate calls.
+    """
+    counts: list[_BandCount | None] = []
+    sorted_samples: dict[int, np.ndarray] = {}
+    for j, k in wanted:
+        sample = samples[j]
+        if sample is None or n < 4 * _SAMPLE:
+            counts.append(None)
+            continue
+        if j not in sorted_samples:
+            step = max(1, n // _SAMPLE) | 1  # odd: does not walk one column of a 2**j-wide matrix
+            sorted_samples[j] = np.sort(mag_bits(sample(step).contiguous()))
+        counts.append(_BandCount(sorted_samples[j], n, k))
+    if any(c is not None for c in counts):
+        for start in range(0, n, CHUNK):
+            live = [(c, j) for c, (j, _) in zip(counts, wanted, strict=True) if c and c.alive]
+            if not live:
+                break
+            values = chunks(start, min(start + CHUNK, n))
+            mags: dict[int, np.ndarray] = {}
+            for c, j in live:
+                if j not in mags:
+                    mags[j] = mag_bits(values[j])
+                c.add(mags[j])
+    cuts = []
+    for c, (j, k) in zip(counts, wanted, strict=True):
+
+        def one(a: int, b: int, j: int = j) -> torch.Tensor:
+            return chunks(a, b)[j]
+
+        found = c.result(k) if c is not None else None
+        cuts.append(_tie_break(one, n, k, found))
+    return cuts
+
+
+def _tie_break(
+    chunks: Chunks, n: int, k: int, found: tuple[torch.Tensor, int, int, list[np.ndarray]] | None
+) -> Cut:
+    """The cut of the ``k`` largest magnitudes from the bracket's ``found`` (else the radix
+    select over ``chunks``), with the index tie-break of :func:`topk_mask`."""
     band: list[np.ndarray] | None = None
     if found is not None:
         t, above, equal, band = found
@@ -299,58 +357,62 @@ def chunked_cut(
     raise AssertionError("unreachable: the k-th value has ties")
 
 
-#: sample size for the bracket of :func:`_bracketed_kth`
+#: sample size for the bracket of :class:`_BandCount`
 _SAMPLE = 1 << 16
 
 
-def _bracketed_kth(
-    chunks: Chunks, n: int, k: int, sample: Callable[[int], torch.Tensor]
-) -> tuple[torch.Tensor, int, int, list[np.ndarray]] | None:
-    """The ``(threshold, above, equal)`` of :func:`_magnitude_kth_float32` in one pass, or None;
-    also each ``CHUNK``'s magnitude bits inside the band, in order (every entry equal to the
-    threshold is among them).
+class _BandCount:
+    """The ``(threshold, above, equal)`` of :func:`_magnitude_kth_float32` from one pass, or
+    None; also each ``CHUNK``'s magnitude bits inside the band, in order (every entry equal to
+    the threshold is among them).
 
-    A strided sample of about ``_SAMPLE`` magnitudes gives a band of keys that holds the k-th
-    largest with overwhelming probability (its sample rank +- 6 standard deviations of a
-    binomial rank, plus slack); one pass counts the magnitudes above the band and collects the
-    few inside it, and the k-th is selected exactly among those. When the band misses (or
-    would hold more than an eighth of the tensor: a sample that does not represent it) the
-    caller falls back to the radix select. The sample only decides the speed, never the result.
+    A strided sample of about ``_SAMPLE`` magnitudes (sorted: ``mags``) gives a band of keys
+    that holds the k-th largest with overwhelming probability (its sample rank +- 6 standard
+    deviations of a binomial rank, plus slack); one pass (:meth:`add`, chunk by chunk) counts
+    the magnitudes above the band and collects the few inside it, and the k-th is selected
+    exactly among those (:meth:`result`). When the band misses (or would hold more than an
+    eighth of the tensor: a sample that does not represent it) the result is None and the
+    caller runs the radix select. The sample only decides the speed, never the result.
     """
-    step = max(1, n // _SAMPLE) | 1  # odd: does not walk a single column of a 2**j-wide matrix
-    mags = np.sort(mag_bits(sample(step).contiguous()))
-    m = mags.size
-    q = k / n
-    pos = m - q * m  # where the k-th largest falls in the ascending sample
-    margin = 6.0 * math.sqrt(m * q * (1.0 - q)) + 16.0
-    lo_i, hi_i = math.floor(pos - margin), math.ceil(pos + margin)
-    lo_key = int(mags[lo_i]) if lo_i >= 0 else 0
-    hi_key = int(mags[hi_i]) + 1 if hi_i < m else None
-    limit = n // 8 + CHUNK
-    above = 0
-    band: list[np.ndarray] = []
-    held = 0
-    for start in range(0, n, CHUNK):
-        c = mag_bits(chunks(start, min(start + CHUNK, n)))
-        inside = c >= lo_key
-        if hi_key is not None:
-            over = c >= hi_key
-            above += int(np.count_nonzero(over))
+
+    def __init__(self, mags: np.ndarray, n: int, k: int) -> None:
+        m = mags.size
+        q = k / n
+        pos = m - q * m  # where the k-th largest falls in the ascending sample
+        margin = 6.0 * math.sqrt(m * q * (1.0 - q)) + 16.0
+        lo_i, hi_i = math.floor(pos - margin), math.ceil(pos + margin)
+        self.lo = int(mags[lo_i]) if lo_i >= 0 else 0
+        self.hi = int(mags[hi_i]) + 1 if hi_i < m else None
+        self.limit = n // 8 + CHUNK
+        self.above = 0
+        self.held = 0
+        self.band: list[np.ndarray] = []
+        self.alive = True
+
+    def add(self, c: np.ndarray) -> None:
+        """Count the next chunk's magnitude bits ``c``."""
+        inside = c >= self.lo
+        if self.hi is not None:
+            over = c >= self.hi
+            self.above += int(np.count_nonzero(over))
             np.logical_and(inside, np.logical_not(over, out=over), out=inside)
         vals = c[inside]
-        held += vals.size
-        if held > limit:
+        self.held += vals.size
+        self.band.append(vals)
+        if self.held > self.limit:
+            self.alive = False
+            self.band = []
+
+    def result(self, k: int) -> tuple[torch.Tensor, int, int, list[np.ndarray]] | None:
+        if not self.alive or self.above >= k or self.above + self.held < k:
             return None
-        band.append(vals)
-    if above >= k or above + held < k:
-        return None
-    vals = np.concatenate(band)
-    r = k - above  # the r-th largest of the band
-    key = int(np.partition(vals, vals.size - r)[vals.size - r])
-    above += int(np.count_nonzero(vals > key))
-    equal = int(np.count_nonzero(vals == key))
-    threshold = torch.tensor([key], dtype=torch.int32).view(torch.float32)[0]
-    return threshold, above, equal, band
+        vals = np.concatenate(self.band)
+        r = k - self.above  # the r-th largest of the band
+        key = int(np.partition(vals, vals.size - r)[vals.size - r])
+        above = self.above + int(np.count_nonzero(vals > key))
+        equal = int(np.count_nonzero(vals == key))
+        threshold = torch.tensor([key], dtype=torch.int32).view(torch.float32)[0]
+        return threshold, above, equal, self.band
 
 
 def magnitude_topk(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -90,8 +90,11 @@ def _band(task: TensorTask, i: int, n: int) -> sp.Band | object | None:
     def sample(step: int) -> torch.Tensor:
         return st.sample(i, step) - st.sample(None, step)
 
-    lo = sp.chunked_cut(delta_at, n, n - n_bot, sample=sample) if n_bot > 0 else None
-    hi = sp.chunked_cut(delta_at, n, n_top, sample=sample) if n_top > 0 else None
+    wanted = [(0, n - n_bot)] if n_bot > 0 else []
+    wanted += [(0, n_top)] if n_top > 0 else []
+    cuts = iter(sp.chunked_cuts(lambda a, b: (delta_at(a, b),), n, wanted, [sample]))
+    lo = next(cuts) if n_bot > 0 else None  # both cuts counted in one pass
+    hi = next(cuts) if n_top > 0 else None
     return sp.Band(lo=lo, hi=hi)
 
 

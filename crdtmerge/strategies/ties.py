@@ -145,13 +145,14 @@ def _ties_chunked(
     ``base_at(a, b)`` / ``input_at(i, a, b)`` give float32 elements ``a .. b - 1`` of the flat
     base / input ``i``, ``sample_at(i, step)`` every ``step``-th element of input ``i`` (None:
     the base) for the cuts' brackets; ``base`` is the flat base in any float dtype (added
-    last). Each task
-    vector is recomputed chunk by chunk (``x_i - base`` is elementwise, so a chunk equals the
-    same slice of the whole), once for the histograms of its cut and once for the election and
-    disjoint merge; every temporary stays in the CPU cache.
+    last). The task
+    vectors are recomputed chunk by chunk (``x_i - base`` is elementwise, so a chunk equals the
+    same slice of the whole), once for all their cuts together (one read of the base) and
+    once for the election and disjoint merge; every temporary stays in the CPU cache.
     """
     n = base.numel()
     cuts: list[sp.Cut | None] = []
+    wanted: list[tuple[int, int]] = []
     for i in range(len(task.model_params)):
         k = sp.topk_count(n, float(task.model_params[i]["density"]))
         if k >= n:
@@ -159,14 +160,22 @@ def _ties_chunked(
         elif k <= 0:
             cuts.append(sp.Cut(torch.tensor(float("inf")), n))
         else:
-            cuts.append(
-                sp.chunked_cut(
-                    lambda a, b, i=i: input_at(i, a, b) - base_at(a, b),
-                    n,
-                    k,
-                    sample=lambda step, i=i: sample_at(i, step) - sample_at(None, step),
-                )
-            )
+            cuts.append(None)
+            wanted.append((i, k))
+
+    def deltas(a: int, b: int) -> list[torch.Tensor]:
+        # every trimmed task vector's chunk, from one read of the base
+        b_chunk = base_at(a, b)
+        return [input_at(i, a, b) - b_chunk for i, _ in wanted]
+
+    def sample(i: int) -> Callable[[int], torch.Tensor]:
+        return lambda step: sample_at(i, step) - sample_at(None, step)
+
+    found = sp.chunked_cuts(
+        deltas, n, [(j, k) for j, (_, k) in enumerate(wanted)], [sample(i) for i, _ in wanted]
+    )
+    for (i, _), cut in zip(wanted, found, strict=True):
+        cuts[i] = cut
     out = torch.empty(n, dtype=out_dtype)  # cast chunk by chunk when it is not float32
 
     def prune(i: int, d: torch.Tensor, start: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ point are compared exactly, the rest with a tolerance.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -788,3 +789,35 @@ def test_bracketed_cut_breaks_ties_by_index_rereading_one_chunk(
         assert float(cut.t) == 0.5 and cut.until < n  # the bracket found it; ties split
         assert torch.equal(cut.top(t, 0), sp.topk_mask(t.abs(), k))
         assert len(reads) == -(-n // 2048) + 1  # the counting pass and one chunk again
+
+
+def test_chunked_cuts_count_every_bracket_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several vectors read together, two cuts on one of them, one vector without a sample
+    and one whose sample misleads: every cut equals ``topk_mask``, and the bracketed cuts
+    share one pass over the chunks (the radix select reads its own vector on its own)."""
+    monkeypatch.setattr(_topk, "_SAMPLE", 1024)
+    monkeypatch.setattr(_topk, "CHUNK", 4096)
+    rng = np.random.Generator(np.random.PCG64(11))
+    n = 50_000
+    vecs = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) for _ in range(4)]
+    vecs[1][::11] = 0.25  # many ties at one magnitude
+    reads: list[int] = []
+
+    def chunks(a: int, b: int) -> list[torch.Tensor]:
+        reads.append(a)
+        return [v[a:b] for v in vecs]
+
+    def sample(v: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        return lambda step: v[::step]
+
+    k_tie = int((vecs[1].abs() > 0.25).sum()) + 5
+    wanted = [(0, n // 2), (1, k_tie), (1, n // 10), (2, 123), (3, n // 3)]
+    samples = [sample(vecs[0]), sample(vecs[1]), None, lambda step: vecs[3][::step] * 0.0]
+    cuts = sp.chunked_cuts(chunks, n, wanted, samples)
+    for (j, k), cut in zip(wanted, cuts, strict=True):
+        assert torch.equal(cut.top(vecs[j], 0), sp.topk_mask(vecs[j].abs(), k)), (j, k)
+    assert float(cuts[1].t) == 0.25 and cuts[1].until < n  # the ties were split by index
+    passes = -(-n // 4096)
+    # one shared counting pass, one chunk again for vector 1's tie-break, and two radix-select
+    # passes each for vector 2 (no sample) and vector 3 (its bracket misses)
+    assert len(reads) == passes + 1 + 2 * passes + 2 * passes
