@@ -49,8 +49,9 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 
+from . import _prehash
 from .errors import InvalidInput, InvalidRecipe
-from .identity import Manifest, TensorHasher, contribution_metadata_header
+from .identity import Manifest, TensorEntry, TensorHasher, contribution_metadata_header
 from .plan import MergePlan, TensorPlan, make_plan
 from .recipe import Recipe
 from .rng import CounterRNG, tensor_key
@@ -208,10 +209,18 @@ def hash_source(source: TensorSource, metadata: Mapping[str, Any]) -> Manifest:
 
     Same result as :func:`~crdtmerge.identity.hash_tensors`, but only one tensor's pages are
     mapped at a time (``hash_tensors`` walks the whole memory-mapped file, so a process hashing
-    a large checkpoint holds all of it resident until the file is closed).
+    a large checkpoint holds all of it resident until the file is closed). A tensor whose
+    leaves :mod:`crdtmerge._prehash` already computed (a CLI command's inputs, hashed while
+    torch was loading) takes them from there.
     """
     entries = []
     for info in source.infos():
+        where = source.location(info.name) if info.nbytes else None
+        leaves = _prehash.lookup(where[0], where[1], info.nbytes) if where else None
+        if leaves is not None:  # hashed while torch was loading (a CLI command's inputs)
+            info.check()
+            entries.append(TensorEntry(info.name, info.dtype, info.shape, info.nbytes, leaves))
+            continue
         hasher = TensorHasher(info)
         hasher.update(tensor_bytes(source.tensor(info.name)))
         entries.append(hasher.finish())

@@ -40,7 +40,6 @@ import functools
 import json
 import math
 import os
-import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,9 @@ from typing import Any
 
 import blake3
 
+from ._leaf import CHUNK_SIZE, chunk_leaf
+from ._leaf import chunk_hasher as _chunk_hasher
+from ._leaf import u64 as _u64
 from .canonical import canonical_pack, canonical_unpack, domain_hash
 from .errors import (
     IntegrityError,
@@ -81,8 +83,6 @@ __all__ = [
     "verify_chunk",
 ]
 
-#: bytes per chunk leaf
-CHUNK_SIZE = 4 * 1024 * 1024
 #: a 32-byte object root
 Root = bytes
 #: the format version written by :meth:`Manifest.to_bytes`
@@ -91,7 +91,6 @@ MANIFEST_TAG = "crdtmerge/manifest"
 #: the ``__metadata__`` key holding a contribution's merge-relevant metadata (JSON)
 METADATA_KEY = "crdtmerge"
 
-_CHUNK = "crdtmerge/v1/chunk"
 _NODE = "crdtmerge/v1/node"
 _EMPTY = "crdtmerge/v1/empty"
 _TENSOR = "crdtmerge/v1/tensor"
@@ -107,10 +106,6 @@ _BATCH_BYTES = 256 * 1024 * 1024
 
 #: deepest nesting accepted in merge-relevant metadata (real metadata is 2-3 levels deep)
 MAX_METADATA_DEPTH = 32
-
-
-def _u64(value: int) -> bytes:
-    return struct.pack("<Q", value)
 
 
 def _check_depth(value: Any, what: str = "metadata") -> None:
@@ -200,30 +195,6 @@ def parse_root(text: str) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # The hash construction
-
-
-def _chunk_hasher(index: int, length: int) -> blake3.blake3:
-    """A BLAKE3 state equal to ``domain_hash(_CHUNK, u64 index, data)`` before ``data``."""
-    tag = _CHUNK.encode()
-    h = blake3.blake3()
-    h.update(_u64(len(tag)) + tag + _u64(8) + _u64(index) + _u64(length))
-    return h
-
-
-def chunk_leaf(index: int, data: bytes | bytearray | memoryview) -> bytes:
-    """The leaf of chunk ``index`` of a tensor: ``H("crdtmerge/v1/chunk", u64 index, data)``.
-
-    Args:
-        index: the chunk's position in its tensor (0-based).
-        data: the chunk's bytes (``chunk_size`` bytes, the last chunk may be shorter).
-
-    Returns:
-        The 32-byte leaf.
-    """
-    view = memoryview(data).cast("B")
-    h = _chunk_hasher(index, len(view))
-    h.update(view)
-    return h.digest()
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:

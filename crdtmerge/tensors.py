@@ -281,6 +281,12 @@ class TensorSource:
         """The tensor (lazy; may view a copy-on-write mapping -- do not mutate it)."""
         raise NotImplementedError
 
+    def location(self, name: str) -> tuple[Path, int] | None:
+        """``(file, offset)`` of the tensor's bytes when they are stored in a file as they
+        are, else None."""
+        self.info(name)
+        return None
+
     @property
     def label(self) -> str:
         """A short description of the source for error messages."""
@@ -413,6 +419,11 @@ class _FileSource(TensorSource):
         """The file holding a tensor."""
         self.info(name)
         return self._shards[self._where[name][0]].path
+
+    def location(self, name: str) -> tuple[Path, int] | None:
+        self.info(name)
+        shard_index, start = self._where[name]
+        return self._shards[shard_index].path, start
 
     def buffer(self, name: str) -> memoryview:
         self._check_open()

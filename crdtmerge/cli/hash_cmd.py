@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..identity import hash_tensors
-
 __all__ = ["register"]
 
 
@@ -39,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     """Hash ``args.path`` and print the result; library errors propagate to ``cli.main``."""
+    from ..identity import hash_tensors
+
     manifest = hash_tensors(args.path)
     if args.manifest:
         print(json.dumps(manifest.to_json(), sort_keys=True))

@@ -199,10 +199,6 @@ def _source_metadata(source: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import Contribution, hash_source, merge
-    from ..recipe import Recipe
-    from ..tensors import open_tensors
-
     strategy = args.strategy
     version = args.version
     base_path = Path(args.base) if args.base else None
@@ -227,11 +223,18 @@ def run(args: argparse.Namespace) -> int:
     if not models:
         raise InvalidInput("no inputs: give INPUT paths or a recipe with models")
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size else None
-    for p in [*(m for m, _ in models), *([base_path] if base_path else [])]:
+    paths = [*(m for m, _ in models), *([base_path] if base_path else [])]
+    for p in paths:
         if not p.exists():
             raise InvalidInput(f"input {str(p)!r} does not exist")
+    # hash the inputs on the idle core while torch loads (the imports below need it)
+    from .._prehash import start
 
+    start(paths)
+    from ..engine import Contribution, hash_source, merge
+    from ..recipe import Recipe
     from ..strategies import get_strategy
+    from ..tensors import open_tensors
 
     spec = get_strategy(strategy, version)
     # check the recipe before hashing anything (the base root is not known yet)
