@@ -20,7 +20,10 @@ Then generalized task arithmetic (see ``ties``): ``della`` elects signs (``sign_
 ``sum``) with the disjoint merge and ``normalize`` default **true**; ``della_linear`` sums
 ``w_i * delta_i`` with ``normalize`` default false; ``* lambda``, ``+ base``.
 
-Ranking is one stable row-wise sort (mergekit: two argsorts per row).
+Ranking is one row-wise sort of packed 32-bit (value, column) keys, rows whose keys collide
+sorted again exactly; the result is that of a stable sort (mergekit: two argsorts per row). The
+stored path decides ``u < p`` on the generator's words against per-rank integer limits and
+takes the L1 rescale's norms on the same pass as the ranks.
 """
 
 from __future__ import annotations
