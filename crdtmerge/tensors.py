@@ -40,6 +40,7 @@ import os
 import reprlib
 import struct
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -859,7 +860,13 @@ _FILE_MODE = 0o666 & ~_umask()
 
 class _TempFile:
     """A temporary file next to its final name; committed by fsync + rename. It gets the
-    permissions an ordinary new file would (0644 under the usual umask), not mkstemp's 0600."""
+    permissions an ordinary new file would (0644 under the usual umask), not mkstemp's 0600.
+
+    Every :data:`_EARLY_SYNC_BYTES` written, an ``fdatasync`` starts on a background thread
+    (one at a time), so the data goes to disk while the rest is still being computed and the
+    final ``fsync`` of :meth:`finish` has little left to wait for. An error of an early sync
+    is raised by :meth:`finish` (the kernel reports a write-back error to one sync only).
+    """
 
     def __init__(self, final: Path) -> None:
         self.final = final
@@ -868,21 +875,50 @@ class _TempFile:
         self.file = os.fdopen(fd, "wb", buffering=0)
         if hasattr(os, "fchmod"):
             os.fchmod(fd, _FILE_MODE)
+        self._unsynced = 0
+        self._sync: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
+        self._unsynced += len(view)
         while view:
             written = self.file.write(view)
             view = view[written:]
+        if self._unsynced >= _EARLY_SYNC_BYTES and (
+            self._sync is None or not self._sync.is_alive()
+        ):
+            self._unsynced = 0
+            self._sync = threading.Thread(target=self._early_sync, daemon=True)
+            self._sync.start()
+
+    def _early_sync(self) -> None:
+        try:
+            getattr(os, "fdatasync", os.fsync)(self.file.fileno())
+        except OSError as exc:
+            self._sync_error = exc
+
+    def _join(self) -> None:
+        if self._sync is not None:
+            self._sync.join()
+            self._sync = None
 
     def finish(self) -> None:
+        self._join()
+        if self._sync_error is not None:
+            raise self._sync_error
         os.fsync(self.file.fileno())
         self.file.close()
 
     def discard(self) -> None:
+        self._join()
         if not self.file.closed:
             self.file.close()
         self.path.unlink(missing_ok=True)
+
+
+#: written bytes between the early background syncs of a :class:`_TempFile`
+_EARLY_SYNC_BYTES = 64 << 20
 
 
 class StreamingWriter:

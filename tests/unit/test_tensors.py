@@ -503,3 +503,35 @@ def test_written_files_get_the_mode_of_an_ordinary_new_file(tmp_path: Path) -> N
         w.write("w", torch.ones(3))
     for path in (single, tmp_path / "dir" / "model.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_long_writes_sync_early_and_an_early_sync_error_fails_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every few MiB written a background fdatasync starts (so the final fsync has little
+    left); if one fails, close raises that error and nothing appears under the final name."""
+    from crdtmerge import tensors as tensors_module
+
+    monkeypatch.setattr(tensors_module, "_EARLY_SYNC_BYTES", 1 << 16)
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    infos = [TensorInfo(f"w{i}", "F32", (1 << 15,), 1 << 17) for i in range(4)]
+    with StreamingWriter(tmp_path / "ok.safetensors", infos) as w:
+        for info in infos:
+            w.write(info.name, torch.ones(1 << 15))
+    assert synced  # early syncs ran
+    with open_tensors(tmp_path / "ok.safetensors") as src:
+        assert float(src.tensor("w3").sum()) == 1 << 15
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    writer = StreamingWriter(tmp_path / "bad.safetensors", infos)
+    for info in infos:
+        writer.write(info.name, torch.ones(1 << 15))
+    with pytest.raises((OSError, StorageError)):
+        writer.close()
+    assert not (tmp_path / "bad.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ok.safetensors"]
