@@ -327,9 +327,15 @@ def bench(names: list[str], repeat: int, on_row=None) -> list[dict]:
         row: dict = {"method": name}
         out_mk = OUT / f"mergekit-{name}"
         out_us = OUT / f"crdtmerge-{name}"
-        if have_mergekit:
-            walls, rss, cpus = [], [], []
-            for _ in range(repeat):
+        # the tools alternate (mergekit, crdtmerge, mergekit, ...) so that a slow spell of
+        # the machine hits both; each tool's best run counts
+        runs: dict[str, tuple[list[float], list[int], list[float]]] = {
+            "mergekit": ([], [], []),
+            "crdtmerge": ([], [], []),
+        }
+        out = ""
+        for _ in range(repeat):
+            if have_mergekit:
                 shutil.rmtree(out_mk, ignore_errors=True)
                 w, r, _, c = run_child(
                     [
@@ -343,35 +349,29 @@ def bench(names: list[str], repeat: int, on_row=None) -> list[dict]:
                     ],
                     env,
                 )
-                walls.append(w)
-                rss.append(r)
-                cpus.append(c)
-            row["mergekit_wall_s"] = min(walls)
-            row["mergekit_cpu_s"] = min(cpus)
-            row["mergekit_rss_mib"] = max(rss) / 2**20
-            print(
-                f"{name}: mergekit {min(walls):.1f}s wall {min(cpus):.1f}s cpu "
-                f"{max(rss) / 2**20:.0f} MiB",
-                flush=True,
-            )
-        walls, rss, cpus = [], [], []
-        for _ in range(repeat):
+                for acc, v in zip(runs["mergekit"], (w, r, c), strict=True):
+                    acc.append(v)
             shutil.rmtree(out_us, ignore_errors=True)
             w, r, out, c = run_child(
                 [*OURS, "merge", "--recipe", str(cfg), "--out", str(out_us), "--json"], env
             )
-            walls.append(w)
-            rss.append(r)
-            cpus.append(c)
-        row["ours_wall_s"] = min(walls)
-        row["ours_cpu_s"] = min(cpus)
-        row["ours_rss_mib"] = max(rss) / 2**20
+            for acc, v in zip(runs["crdtmerge"], (w, r, c), strict=True):
+                acc.append(v)
+        for tool, prefix in (("mergekit", "mergekit"), ("crdtmerge", "ours")):
+            walls, rss, cpus = runs[tool]
+            if not walls:
+                continue
+            row[f"{prefix}_wall_s"] = min(walls)
+            row[f"{prefix}_walls_s"] = walls
+            row[f"{prefix}_cpu_s"] = min(cpus)
+            row[f"{prefix}_rss_mib"] = max(rss) / 2**20
+            print(
+                f"{name}: {tool} {min(walls):.1f}s wall (runs: "
+                f"{', '.join(f'{x:.1f}' for x in walls)}) {min(cpus):.1f}s cpu "
+                f"{max(rss) / 2**20:.0f} MiB",
+                flush=True,
+            )
         row["root"] = json.loads(out)["root"]
-        print(
-            f"{name}: crdtmerge {min(walls):.1f}s wall {min(cpus):.1f}s cpu "
-            f"{max(rss) / 2**20:.0f} MiB",
-            flush=True,
-        )
         if have_mergekit:
             row["speedup"] = row["mergekit_wall_s"] / row["ours_wall_s"]
             row["cpu_ratio"] = row["mergekit_cpu_s"] / row["ours_cpu_s"]
@@ -403,8 +403,10 @@ def render(results: list[dict], repeat: int, startup: dict) -> str:
         "density 0.5 epsilon 0.1; breadcrumbs_ties density 0.9 gamma 0.01; slerp ft1 <-> ft2 "
         "t=0.5; model_stock base + 3). mergekit: `mergekit-yaml CFG OUT --no-copy-tokenizer "
         "--quiet --random-seed 42`; crdtmerge: `crdtmerge merge --recipe CFG --out OUT --json` "
-        "(includes hashing every input and the output). Wall = min over runs, including process "
-        "start-up (mergekit ~6 s of imports); CPU = the child's user + system time (less "
+        "(includes hashing every input and the output). The tools alternate run by run "
+        "(mergekit, crdtmerge, mergekit, ...), so a slow spell of the machine hits both. Wall = "
+        "min over runs (every run's wall is in `bench/out/merge_bench.json`), including process "
+        "start-up (mergekit 6-11 s of imports here); CPU = the child's user + system time (less "
         "sensitive than wall time to other load on the machine); peak RSS = the child's "
         "`ru_maxrss`, taken by a ~10 MB launcher process that spawns it (a child forked from "
         "the benchmark itself reports the benchmark's own peak RSS when that is larger). Inputs warm in the page cache, `os.sync()` before each child (no run "
