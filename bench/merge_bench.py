@@ -458,8 +458,8 @@ def render(results: list[dict], repeat: int, startup: dict) -> str:
         ),
         "",
         "Reading the numbers: both tools pay process start-up (crdtmerge: torch import; mergekit: "
-        "torch + transformers); crdtmerge also hashes all inputs (1.6 GB of BLAKE3) and its "
-        "output. The engine streams one tensor at a time on 2 workers, and every method here "
+        "torch + transformers); crdtmerge also hashes all inputs (1.6 GB of BLAKE3, on the idle "
+        "core while torch is imported) and its output. `--help` imports no torch. The engine streams one tensor at a time on 2 workers, and every method here "
         "reads its bf16 inputs as stored, converting cache-sized chunks to float32 as it goes "
         "(`Stored` in docs/architecture.md): no whole float32 copy of an input exists, so the "
         "peak RSS is the process with torch imported (~225 MiB) plus about two output tensors "
