@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from crdtmerge import _prehash
+from crdtmerge import _prehash, engine
 from crdtmerge.engine import hash_source
 from crdtmerge.errors import InvalidTensorFile
-from crdtmerge.identity import hash_tensors
-from crdtmerge.tensors import open_tensors
+from crdtmerge.identity import TensorHasher, hash_tensors
+from crdtmerge.tensors import TensorInfo, open_tensors
 
 
 @pytest.fixture(autouse=True)
@@ -44,18 +44,25 @@ def _wait(path: Path) -> None:
         _prehash._files[_prehash._key(os.stat(file))].result(timeout=60)
 
 
-def test_prehashed_leaves_give_the_same_manifest(tmp_path: Path) -> None:
+def test_prehashed_leaves_give_the_same_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = _model(tmp_path / "m", 1)
     with open_tensors(model) as src:
         expected = hash_source(src, {"k": 1})
     _prehash.start([model])
     _wait(model)
-    assert _prehash._files  # something was cached
+    hashed_here: list[str] = []
+    real = engine.TensorHasher
+
+    def spy(info: TensorInfo) -> TensorHasher:
+        hashed_here.append(info.name)
+        return real(info)
+
+    monkeypatch.setattr(engine, "TensorHasher", spy)
     with open_tensors(model) as src:
-        where = src.location("a")
-        assert where is not None
-        assert _prehash.lookup(*where, src.info("a").nbytes) is not None  # the cache is used
         assert hash_source(src, {"k": 1}) == expected
+    assert hashed_here == ["c"]  # only the empty tensor: the others came from the cache
     assert expected.root == hash_tensors(model, metadata={"k": 1}).root
 
 
@@ -64,9 +71,12 @@ def test_a_file_changed_after_hashing_gets_no_leaves(tmp_path: Path) -> None:
     _prehash.start([model])
     _wait(model)
     file = model / "m-1.safetensors"
-    save_file({"a": torch.ones(3000, 700)}, str(file))  # same size, other bytes
-    st = os.stat(file)
-    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    before = os.stat(file)
+    with open(file, "r+b") as fh:  # the same inode and size, other bytes
+        fh.seek(-4, os.SEEK_END)
+        fh.write(b"\x00\x00\x80\x3f")
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    assert os.stat(file).st_ino == before.st_ino and os.stat(file).st_size == before.st_size
     with open_tensors(model) as src:
         where = src.location("a")
         assert where is not None
