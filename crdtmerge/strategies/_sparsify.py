@@ -332,15 +332,17 @@ def rank_keep_bits(
     (the generator seeks to each block of rows), so the same bits as ``rank_drop``.
 
     With ``l1``, also the L1 norms of the delta before and after the drop, taken on the way
-    (:class:`L1Rows`: row blocks start at multiples of its rows of 4096), else None.
+    (:class:`L1Rows`: row blocks start at multiples of its rows of 4096); None without ``l1``,
+    or when such blocks would be too large (rows of an odd width), for the caller to take them
+    in a pass of its own.
 
     The keep test ``u < p`` with ``u = (w >> 8) * 2**-24`` is evaluated on the words ``w``
     themselves: it holds exactly when ``w < ceil(p * 2**24) * 256`` (:func:`_keep_word_table`).
     """
     out = np.empty(n, dtype=np.int8)
     rows = n // cols if cols else 0
-    step = _row_block(cols)
-    before, after = (L1Rows(n), L1Rows(n)) if l1 else (None, None)
+    step, aligned = _row_block(cols, rows)
+    before, after = (L1Rows(n), L1Rows(n)) if l1 and aligned else (None, None)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         a, b = r0 * cols, r1 * cols
@@ -358,12 +360,17 @@ def rank_keep_bits(
     return keep_bits, (before.total(), after.total())
 
 
-def _row_block(cols: int) -> int:
-    """Rows per block of :func:`rank_keep_bits`: about ``CHUNK`` elements, and a whole number
-    of :class:`L1Rows` rows (4096 elements) per block wherever that fits a few chunks."""
+def _row_block(cols: int, rows: int) -> tuple[int, bool]:
+    """``(rows per block, aligned)`` for :func:`rank_keep_bits`: blocks of about ``CHUNK``
+    elements, made a whole number of :class:`L1Rows` rows (4096 elements) when that takes at
+    most 8 chunks (``aligned``; one block is always aligned)."""
     step = max(1, CHUNK // max(cols, 1))
+    if rows <= step:
+        return step, True
     align = _ROW // math.gcd(max(cols, 1), _ROW)  # rows per multiple of 4096 elements
-    return max(align, step - step % align)
+    if align * cols > 8 * CHUNK:
+        return step, False
+    return max(align, step - step % align), True
 
 
 def rank_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

@@ -266,7 +266,7 @@ def test_rank_keep_bits_take_the_l1_norms_on_the_same_pass(
     ``u < rank_keep_prob`` and the two norms are those of the delta before and after the drop."""
     monkeypatch.setattr(sp, "CHUNK", 8192)
     rng = np.random.Generator(np.random.PCG64(10))
-    for shape in [(70, 1024), (2000, 8), (1030, 1000), (5000,), (3, 7)]:
+    for shape in [(70, 1024), (2000, 8), (300, 96), (5000,), (3, 7), (70, 1001)]:
         x = torch.from_numpy((rng.standard_normal(shape) / 8).astype(np.float32))
         _, task = make("della", torch.zeros_like(x), [x], {}, {"density": 0.5})
         n, cols = x.numel(), shape[-1]
@@ -279,6 +279,9 @@ def test_rank_keep_bits_take_the_l1_norms_on_the_same_pass(
         u = sp.Uniforms(task, 0, n)(0, n).view_as(x)
         assert torch.equal((keep != 0).view_as(x), u < sp.rank_keep_prob(x, 0.5, 0.2))
         kept = x.masked_fill(keep.view_as(x) == 0, 0.0)
+        if shape == (70, 1001):  # aligned blocks would be 4096 rows: the caller's own pass
+            assert norms is None
+            continue
         assert norms == (sp.l1_norm(x), sp.l1_norm(kept))
         assert sp.rank_keep_bits(task, 0, n, cols, delta_at, 0.5, 0.2)[1] is None
 
