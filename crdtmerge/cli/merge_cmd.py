@@ -198,6 +198,14 @@ def _source_metadata(source: Any) -> dict[str, Any]:
     return dict(meta) if meta else {}
 
 
+#: the GIL switch interval while merging (Python's default is 5 ms). The merge workers and the
+#: writer run short Python steps between long GIL-free kernels. Measured on the bench model
+#: (the CLI, alternating 5 ms and 0.2 ms, 3 pairs): model_stock 5.1-6.2 s -> 4.7-5.4 s, every
+#: pair faster; ties and linear unchanged within the noise (in-process, ties' merge phase
+#: 4.2 -> 3.7-3.9 s); della unchanged. Set for the command only: it is process-wide state.
+_SWITCH_INTERVAL = 0.0002
+
+
 def run(args: argparse.Namespace) -> int:
     strategy = args.strategy
     version = args.version
@@ -256,15 +264,20 @@ def run(args: argparse.Namespace) -> int:
     progress = _ProgressBar("merging") if sys.stderr.isatty() else None
     out = Path(args.out)
     t0 = time.monotonic()
-    result = merge(
-        recipe,
-        contributions,
-        base=base,
-        out=out,
-        max_shard_bytes=max_shard,
-        threads=args.threads,
-        progress=progress,
-    )
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(_SWITCH_INTERVAL)
+    try:
+        result = merge(
+            recipe,
+            contributions,
+            base=base,
+            out=out,
+            max_shard_bytes=max_shard,
+            threads=args.threads,
+            progress=progress,
+        )
+    finally:
+        sys.setswitchinterval(interval)
     elapsed = time.monotonic() - t0
     if out.is_dir():
         ref = base_path if base_path is not None else models[0][0]

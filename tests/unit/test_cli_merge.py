@@ -173,3 +173,32 @@ def test_laws_verb(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(capsys, "laws", "--strategy", "ties", "--trials", "1")
     assert code == 0
     assert "VIOLATED" in out
+
+
+def test_merge_shortens_the_gil_switch_interval_only_while_merging(
+    tmp_path: Path,
+    files: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    import crdtmerge.engine as engine
+    from crdtmerge.cli import merge_cmd
+
+    seen: list[float] = []
+    real = engine.merge
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(sys.getswitchinterval())
+        if len(seen) == 2:
+            raise InvalidInput("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "merge", spy)
+    before = sys.getswitchinterval()
+    argv = ["merge", "--strategy", "linear", str(files["ft1"]), str(files["ft2"])]
+    assert _run(capsys, *argv, "--out", str(tmp_path / "a.safetensors"))[0] == 0
+    assert _run(capsys, *argv, "--out", str(tmp_path / "b.safetensors"))[0] == 1  # it raised
+    assert seen == pytest.approx([merge_cmd._SWITCH_INTERVAL] * 2)
+    assert sys.getswitchinterval() == before  # restored, also after an error
