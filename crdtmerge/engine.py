@@ -216,7 +216,7 @@ def hash_source(source: TensorSource, metadata: Mapping[str, Any]) -> Manifest:
     entries = []
     for info in source.infos():
         where = source.location(info.name) if info.nbytes else None
-        leaves = _prehash.lookup(where[0], where[1], info.nbytes) if where else None
+        leaves = _prehash.lookup(*where, info.nbytes) if where else None
         if leaves is not None:  # hashed while torch was loading (a CLI command's inputs)
             info.check()
             entries.append(TensorEntry(info.name, info.dtype, info.shape, info.nbytes, leaves))

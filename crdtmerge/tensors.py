@@ -418,10 +418,12 @@ class _FileSource(TensorSource):
 
     def shard_of(self, name: str) -> Path:
         """The file holding a tensor."""
-        self.info(name)
-        return self._shards[self._where[name][0]].path
+        return self._location(name)[0]
 
     def location(self, name: str) -> tuple[Path, int] | None:
+        return self._location(name)
+
+    def _location(self, name: str) -> tuple[Path, int]:
         self.info(name)
         shard_index, start = self._where[name]
         return self._shards[shard_index].path, start

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,6 +33,7 @@ import torch
 from ..errors import InvalidRecipe
 from ._detmath import ROW, lastdim_sum
 from ._topk import (
+    _LITTLE,
     CHUNK,
     HIST_BINS,
     Band,
@@ -88,6 +88,7 @@ __all__ = [
     "ordered_sum",
     "outlier_mask",
     "L1Rows",
+    "DropNorms",
     "Uniforms",
     "keep_bits",
     "random_mask",
@@ -102,8 +103,6 @@ __all__ = [
     "zero_dropped",
     "zero_unkept",
 ]
-
-_LITTLE = sys.byteorder == "little"
 
 # Row length of the fixed-order reduction (l1_norm's first level must match fixed_sum's).
 _ROW = ROW
@@ -173,6 +172,24 @@ class L1Rows:
         if self._rows is None:
             return float(self._small.sum(dtype=torch.float64))
         return float(fixed_sum(self._rows, torch.float64))
+
+
+class DropNorms:
+    """The L1 norms of a delta before and after a drop by keep bits (see
+    :func:`zero_dropped`), fed chunk by chunk as :class:`L1Rows` is."""
+
+    def __init__(self, n: int) -> None:
+        self._before, self._after = L1Rows(n), L1Rows(n)
+
+    def add(self, start: int, mags: torch.Tensor, keep: torch.Tensor) -> None:
+        """Account for the chunk at ``start`` given its magnitudes (consumed: the dropped
+        ones are zeroed) and its keep bits."""
+        self._before.add_abs(start, mags)
+        self._after.add_abs(start, zero_dropped(mags, keep))  # |dropped d| = dropped |d|
+
+    def totals(self) -> tuple[float, float]:
+        """``(before, after)``."""
+        return self._before.total(), self._after.total()
 
 
 def ordered_sum(terms: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -342,7 +359,7 @@ def rank_keep_bits(
     out = np.empty(n, dtype=np.int8)
     rows = n // cols if cols else 0
     step, aligned = _row_block(cols, rows)
-    before, after = (L1Rows(n), L1Rows(n)) if l1 and aligned else (None, None)
+    norms = DropNorms(n) if l1 and aligned else None
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         a, b = r0 * cols, r1 * cols
@@ -351,13 +368,9 @@ def rank_keep_bits(
         words = task.rng.words(b - a, task.streams[i], a)
         keep = np.less(words, limits.reshape(-1).numpy().view(np.uint32))
         bits = np.negative(keep.view(np.int8), out=out[a:b])
-        if before is not None and after is not None:
-            before.add_abs(a, mags)  # |dropped d| = dropped |d| (both +0.0 or |d|)
-            after.add_abs(a, zero_dropped(mags, torch.from_numpy(bits)))
-    keep_bits = torch.from_numpy(out)
-    if before is None or after is None:
-        return keep_bits, None
-    return keep_bits, (before.total(), after.total())
+        if norms is not None:
+            norms.add(a, mags, torch.from_numpy(bits))
+    return torch.from_numpy(out), norms.totals() if norms is not None else None
 
 
 def _row_block(cols: int, rows: int) -> tuple[int, bool]:

@@ -89,12 +89,11 @@ class Drop:
 
 def _l1_norms(keep: torch.Tensor, n: int, delta_at: Chunk) -> tuple[float, float]:
     """The L1 norms of the delta before and after the drop by ``keep`` (one chunked pass)."""
-    before, after = sp.L1Rows(n), sp.L1Rows(n)
+    norms = sp.DropNorms(n)
     for start in range(0, n, sp.CHUNK):
         mags = delta_at(start, min(n, start + sp.CHUNK)).abs_()
-        before.add_abs(start, mags)  # |dropped d| = dropped |d| (both +0.0 or |d|)
-        after.add_abs(start, sp.zero_dropped(mags, keep[start : start + sp.CHUNK]))
-    return before.total(), after.total()
+        norms.add(start, mags, keep[start : start + sp.CHUNK])
+    return norms.totals()
 
 
 def _dare_drop(task: TensorTask, i: int, n: int, delta_at: Chunk) -> Drop:
