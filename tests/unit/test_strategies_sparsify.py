@@ -222,7 +222,8 @@ def test_rank_keep_probabilities_match_a_stable_sort() -> None:
 
 def test_row_order_resorts_rows_whose_packed_keys_collide(monkeypatch: pytest.MonkeyPatch) -> None:
     """The 32-bit keys drop low value bits; a row where two values differ only there (and the
-    larger has the smaller column) is sorted again exactly, and only such rows are."""
+    larger has the smaller column) is sorted again exactly, and only such rows are. Only rows
+    with a nonzero dropped bit are checked at all."""
     rng = np.random.Generator(np.random.PCG64(9))
     x = torch.from_numpy(np.abs(rng.standard_normal((6, 1024))).astype(np.float32))
     x = x.to(torch.bfloat16).float()  # few value bits, as bf16 deltas mostly have
@@ -236,10 +237,19 @@ def test_row_order_resorts_rows_whose_packed_keys_collide(monkeypatch: pytest.Mo
         redone.append(rows.shape[0])
         return exact_sort(rows)
 
+    checked: list[int] = []
+    misordered = sp._misordered
+
+    def check_spy(m: np.ndarray, order: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        checked.append(rows.size)
+        return misordered(m, order, rows)
+
     monkeypatch.setattr(sp, "_row_order_exact", spy)
+    monkeypatch.setattr(sp, "_misordered", check_spy)
     got = sp._row_order(x)
     assert torch.equal(got, torch.sort(x, dim=1, stable=True).indices)
     assert redone == [1]
+    assert checked == [1]  # only row 2 has a nonzero dropped bit, so only it is checked
     # values small enough to need no dropped bits: no check, no re-sort
     small = x.view(-1)[:2048].clone().view(2, 1024) * 2.0**-120
     redone.clear()
