@@ -47,7 +47,8 @@ def _normalise(value: Any, path: str) -> Any:
         for k, v in value.items():
             if not isinstance(k, str | bytes):
                 raise InvalidInput(f"{path or 'value'}: map key {k!r} is not a string")
-            items.append((k, _normalise(v, f"{path}.{k}" if path else str(k))))
+            label = k if isinstance(k, str) else repr(k)  # what f"{k}" gave for a bytes key
+            items.append((k, _normalise(v, f"{path}.{label}" if path else label)))
         return items
     raise InvalidInput(f"{path or 'value'}: {type(value).__name__} cannot be encoded canonically")
 

@@ -141,18 +141,18 @@ class Client:
     def set_recipe(self, merge: str, recipe: Recipe | Mapping[str, Any]) -> dict[str, Any]:
         """Create or replace ``merge``'s recipe; returns the merge status."""
         body = recipe.to_json() if isinstance(recipe, Recipe) else dict(recipe)
-        return self._request("PUT", f"/v1/merges/{merge}/recipe", json=body).json()  # type: ignore[no-any-return]
+        return self._request("PUT", f"/v1/merges/{merge}/recipe", json=body).json()
 
     def status(self, merge: str) -> dict[str, Any]:
         """The merge status: recipe, digest, contributions, missing, merged_hash, state."""
-        return self._request("GET", f"/v1/merges/{merge}").json()  # type: ignore[no-any-return]
+        return self._request("GET", f"/v1/merges/{merge}").json()
 
     def merges(self) -> list[str]:
-        return self._request("GET", "/v1/merges").json()["merges"]  # type: ignore[no-any-return]
+        return self._request("GET", "/v1/merges").json()["merges"]
 
     def contributions(self, merge: str) -> list[dict[str, Any]]:
         resp = self._request("GET", f"/v1/merges/{merge}/contributions")
-        return resp.json()["contributions"]  # type: ignore[no-any-return]
+        return resp.json()["contributions"]
 
     def push(
         self,
@@ -171,15 +171,15 @@ class Client:
 
     def trust_key(self, merge: str, key: str) -> dict[str, Any]:
         """Trust an Ed25519 public key (64 hex) to sign contributions to ``merge`` (admin)."""
-        return self._request("PUT", f"/v1/merges/{merge}/trusted-keys/{key}").json()  # type: ignore[no-any-return]
+        return self._request("PUT", f"/v1/merges/{merge}/trusted-keys/{key}").json()
 
     def untrust_key(self, merge: str, key: str) -> dict[str, Any]:
         """Stop trusting a signing key (admin)."""
-        return self._request("DELETE", f"/v1/merges/{merge}/trusted-keys/{key}").json()  # type: ignore[no-any-return]
+        return self._request("DELETE", f"/v1/merges/{merge}/trusted-keys/{key}").json()
 
     def remove(self, merge: str, root: str) -> dict[str, Any]:
         """Remove a live contribution (observed-remove)."""
-        return self._request("DELETE", f"/v1/merges/{merge}/contributions/{root}").json()  # type: ignore[no-any-return]
+        return self._request("DELETE", f"/v1/merges/{merge}/contributions/{root}").json()
 
     def download_merged(
         self, merge: str, out: str | os.PathLike[str], *, progress: Progress | None = None
@@ -200,7 +200,7 @@ class Client:
         return self._upload("/v1/objects", data, size, progress)
 
     def object_info(self, root: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/objects/{root}/info").json()  # type: ignore[no-any-return]
+        return self._request("GET", f"/v1/objects/{root}/info").json()
 
     def download_object(
         self, root: str, out: str | os.PathLike[str], *, progress: Progress | None = None
@@ -208,7 +208,7 @@ class Client:
         return self._download(f"/v1/objects/{root}", Path(out), progress)
 
     def health(self) -> dict[str, Any]:
-        return self._request("GET", "/readyz").json()  # type: ignore[no-any-return]
+        return self._request("GET", "/readyz").json()
 
     # -- transfers --------------------------------------------------------------------------
 
@@ -233,7 +233,7 @@ class Client:
         elif hasattr(data, "read"):
             content = _stream_chunks(data, progress)  # type: ignore[arg-type]
         else:
-            content = _iter_chunks(data, progress)  # type: ignore[arg-type]
+            content = _iter_chunks(data, progress)
         if size is not None:
             headers["content-length"] = str(size)
         resp = self._request("POST", path, content=content, headers=headers)
@@ -303,7 +303,7 @@ class _BlockingTransport(httpx.BaseTransport):
             await resp.aclose()
             return httpx.Response(resp.status_code, headers=resp.headers, content=content)
 
-        return self._run(send())  # type: ignore[no-any-return]
+        return self._run(send())
 
     def close(self) -> None:
         self._run(self._transport.aclose())

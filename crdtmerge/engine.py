@@ -465,12 +465,11 @@ class _Runner:
 
     def prepass(self) -> Any:
         spec = self.plan.spec
-        assert spec.observe is not None and spec.reduce is not None
+        observe, reduce = spec.observe, spec.reduce
+        assert observe is not None and reduce is not None
         floats = [t for t in self.plan.tensors if t.merged]
-        summaries = [
-            s for _, s in self._ordered(floats, lambda tp: spec.observe(self._task(tp, None)))
-        ]
-        return spec.reduce(summaries, dict(self.plan.global_params))
+        summaries = [s for _, s in self._ordered(floats, lambda tp: observe(self._task(tp, None)))]
+        return reduce(summaries, dict(self.plan.global_params))
 
 
 class _LazyInputs(Sequence[torch.Tensor]):
@@ -504,7 +503,7 @@ class _LazyInputs(Sequence[torch.Tensor]):
             self._cache[i] = weakref.ref(t)
         return t
 
-    def __getitem__(self, index):  # type: ignore[no-untyped-def, override]
+    def __getitem__(self, index):
         if isinstance(index, slice):
             view = _LazyInputs(self._items, self._load, self._indices[index])
             view._cache = self._cache

@@ -579,7 +579,7 @@ class Manifest:
 
 
 def verify_chunk(
-    manifest: Manifest, tensor_name: str, index: int, data: bytes | memoryview
+    manifest: Manifest, tensor_name: str, index: int, data: bytes | bytearray | memoryview
 ) -> None:
     """Check that ``data`` is chunk ``index`` of ``tensor_name`` in a (verified) manifest.
 

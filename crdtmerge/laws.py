@@ -237,7 +237,8 @@ def check_laws(
     spec = get_strategy(name, version)
     params = demo_params(spec)
     pairwise_ok = spec.min_models <= 2 or (spec.max_models is not None and spec.max_models < 2)
-    raw = {law: [True, 0.0] for law in LAWS}
+    raw_holds = dict.fromkeys(LAWS, True)
+    raw_max_diff = dict.fromkeys(LAWS, 0.0)
     two = dict.fromkeys(LAWS, True)
     lo = max(1, spec.min_models)
     hi = spec.max_models if spec.max_models is not None else 3
@@ -262,8 +263,8 @@ def check_laws(
                 }.items():
                     d = _diff(x, y)
                     if d != 0.0 or any(not torch.equal(x[n], y[n]) for n in _LAYOUT):
-                        raw[law][0] = False
-                        raw[law][1] = max(raw[law][1], d)
+                        raw_holds[law] = False
+                        raw_max_diff[law] = max(raw_max_diff[law], d)
             # two-layer: sets of contributions, merged once after sorting by root
             A = [a, *extra][: max(lo, 1)]
             B = [b] if hi >= lo + 1 else []
@@ -286,8 +287,8 @@ def check_laws(
     return [
         LawResult(
             law=law,
-            raw_holds=raw[law][0] if pairwise_ok else None,
-            raw_max_diff=raw[law][1] if pairwise_ok else 0.0,
+            raw_holds=raw_holds[law] if pairwise_ok else None,
+            raw_max_diff=raw_max_diff[law] if pairwise_ok else 0.0,
             two_layer_holds=two[law],
             note=notes[law],
         )

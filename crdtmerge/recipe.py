@@ -190,7 +190,7 @@ class _FrozenParams(Mapping[str, Any]):
                 return _thaw(v)
         raise KeyError(key)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         return (k for k, _ in self._items)
 
     def __len__(self) -> int:

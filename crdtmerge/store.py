@@ -36,6 +36,7 @@ This module is blocking; servers call it from worker threads.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import ctypes
 import errno
@@ -436,7 +437,7 @@ class ObjectStore:
         manifest.verify()
         return PartialObject(self, manifest)
 
-    def partials(self) -> list[bytes]:
+    def partials(self) -> builtins.list[bytes]:  # `list` here is ObjectStore.list
         return sorted(
             bytes.fromhex(f.stem)
             for f in self.partial_dir.glob("*.manifest")

@@ -238,7 +238,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+    return memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 class TensorSource:

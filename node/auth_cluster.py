@@ -100,7 +100,9 @@ def request_target(scope: Mapping[str, object]) -> str:
     """The signed target of an ASGI request: raw path plus ``?query`` (as the client sent it)."""
     raw = scope.get("raw_path") or str(scope.get("path", "")).encode()
     query = scope.get("query_string") or b""
-    target = bytes(raw) + (b"?" + bytes(query) if query else b"")  # type: ignore[arg-type]
+    if not isinstance(raw, bytes | bytearray) or not isinstance(query, bytes | bytearray):
+        raise TypeError("an ASGI scope's raw_path and query_string must be bytes")
+    target = bytes(raw) + (b"?" + bytes(query) if query else b"")
     return target.decode("latin-1")
 
 

@@ -44,6 +44,13 @@ CREATE TABLE IF NOT EXISTS peers (url TEXT PRIMARY KEY, info BLOB);
 """
 
 
+def _blob(value: object) -> bytes:
+    """A BLOB column's value (every BLOB this module writes is ``bytes``)."""
+    if isinstance(value, bytes):
+        return value
+    raise StorageError(f"node database holds a {type(value).__name__} where bytes belong")
+
+
 class Database:
     """The node's SQLite file. Open with :meth:`open`; close with :meth:`close`."""
 
@@ -139,7 +146,7 @@ class Database:
     # -- merge documents --------------------------------------------------------------------
 
     def load_documents(self) -> dict[str, bytes]:
-        return {str(n): bytes(d) for n, d in self._query("SELECT name, doc FROM merges")}  # type: ignore[arg-type]
+        return {str(n): _blob(d) for n, d in self._query("SELECT name, doc FROM merges")}
 
     def save_documents(self, docs: dict[str, bytes]) -> None:
         """Replace the given merges' documents in one fsynced transaction."""
@@ -152,7 +159,7 @@ class Database:
 
     def merged_root(self, digest: bytes) -> bytes | None:
         rows = self._query("SELECT root FROM merged WHERE digest = ?", (digest,))
-        return bytes(rows[0][0]) if rows else None  # type: ignore[arg-type]
+        return _blob(rows[0][0]) if rows else None
 
     def record_merged(self, digest: bytes, merge: str, root: bytes) -> None:
         with self._tx() as c:
@@ -162,13 +169,13 @@ class Database:
             )
 
     def merged_roots(self) -> set[bytes]:
-        return {bytes(r[0]) for r in self._query("SELECT root FROM merged")}  # type: ignore[arg-type]
+        return {_blob(r[0]) for r in self._query("SELECT root FROM merged")}
 
     # -- peers ------------------------------------------------------------------------------
 
     def load_peers(self) -> dict[str, bytes | None]:
         return {
-            str(u): (bytes(i) if i is not None else None)  # type: ignore[arg-type]
+            str(u): (_blob(i) if i is not None else None)
             for u, i in self._query("SELECT url, info FROM peers")
         }
 

@@ -26,11 +26,11 @@ CLUSTER_HEADER = "x-crdtmerge-cluster"
 
 
 def get_runtime(request: Request) -> NodeRuntime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
+    return request.app.state.runtime
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 NodeDep = Annotated[NodeRuntime, Depends(get_runtime)]

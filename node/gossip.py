@@ -355,7 +355,9 @@ class Replication:
         resp = await self.runtime.http.post(
             f"{url}{path}",
             content=body,
-            auth=self.auth,
+            # httpx's post() leaves None out of `auth`'s type; request() (which post() calls)
+            # takes it: None sends no auth, not the client's default
+            auth=self.auth,  # type: ignore[arg-type]
             timeout=self.timeout,
             headers={"content-type": MSGPACK},
         )

@@ -363,7 +363,11 @@ class ObjectFetcher:
                     self._fetch_once(root, tuple(prefer)), name=f"fetch-{root.hex()[:12]}"
                 )
                 self._inflight[root] = task
-                task.add_done_callback(lambda _t, r=root: self._inflight.pop(r, None))
+
+                def forget(_t: asyncio.Task[bool], r: bytes = root) -> None:
+                    self._inflight.pop(r, None)
+
+                task.add_done_callback(forget)
             tasks.append(task)
         return tasks
 
@@ -661,7 +665,9 @@ class ObjectFetcher:
             resp = await self.http.post(
                 f"{peer}/v1/replication/objects/{root.hex()}/chunks",
                 content=_batch_request(batch),
-                auth=self.auth,
+                # httpx's post() leaves None out of `auth`'s type; request() (which post() calls)
+                # takes it: None sends no auth, not the client's default
+                auth=self.auth,  # type: ignore[arg-type]
                 timeout=self.timeout,
                 headers={"content-type": "application/msgpack"},
                 # more than the batch is wrong: never read it

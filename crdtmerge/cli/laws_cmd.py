@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 __all__ = ["register"]
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         specs = list_strategies()
     else:
         specs = [get_strategy(args.strategy, args.version)]
-    report = []
+    report: list[dict[str, Any]] = []
     for spec in specs:
         results = check_laws(spec.name, spec.version, trials=args.trials)
         report.append(

@@ -159,6 +159,7 @@ def _upload(
 ) -> Any:
     if not path.exists():
         raise InvalidInput(f"{path}: no such file or directory")
+    data: Iterator[bytes] | Path  # a file is sent as it is, by path
     if path.is_dir() or metadata is not None:
         size, data = canonical_stream(path, metadata)
     else:

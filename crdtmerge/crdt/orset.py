@@ -59,7 +59,11 @@ __all__ = ["ELEMENT_SIZE", "ORSet"]
 #: elements are 32-byte roots or 32-byte Ed25519 public keys.
 ELEMENT_SIZE = 32
 
-_EMPTY: frozenset[Dot] = frozenset()
+#: a dot as stored: a ``Dot`` or a plain ``(actor, counter)`` pair (decoding builds plain
+#: pairs; they compare and hash as equal ``Dot``s). :meth:`ORSet.dots` returns ``Dot``s.
+_Pair = tuple[str, int]
+
+_EMPTY: frozenset[_Pair] = frozenset()
 
 
 def _check_element(element: Any) -> bytes:
@@ -71,7 +75,7 @@ def _check_element(element: Any) -> bytes:
     return element
 
 
-def _unseen(dots: frozenset[Dot], clock: dict[str, int]) -> frozenset[Dot]:
+def _unseen(dots: frozenset[_Pair], clock: dict[str, int]) -> frozenset[_Pair]:
     """The dots of ``dots`` that ``clock`` has not seen."""
     if len(dots) == 1:
         for actor, counter in dots:
@@ -94,7 +98,7 @@ class ORSet:
     __slots__ = ("_clock", "_entries", "_sorted", "_value")
 
     _clock: VersionVector
-    _entries: dict[bytes, frozenset[Dot]]
+    _entries: dict[bytes, frozenset[_Pair]]
     _value: frozenset[bytes] | None
     _sorted: list[bytes] | None
 
@@ -105,7 +109,7 @@ class ORSet:
         self._sorted = None
 
     @classmethod
-    def _make(cls, clock: VersionVector, entries: dict[bytes, frozenset[Dot]]) -> ORSet:
+    def _make(cls, clock: VersionVector, entries: dict[bytes, frozenset[_Pair]]) -> ORSet:
         s = cls.__new__(cls)
         s._clock = clock
         s._entries = entries
@@ -183,7 +187,7 @@ class ORSet:
         c2 = other._clock._counters
         e1 = self._entries
         e2 = other._entries
-        out: dict[bytes, frozenset[Dot]] = {}
+        out: dict[bytes, frozenset[_Pair]] = {}
         get1, get2 = c1.get, c2.get
         lookup = e2.get
         matched = 0  # elements of e2 also in e1
@@ -252,8 +256,8 @@ class ORSet:
         counters = clock._counters
         actors = clock.actors()
         n_actors = len(actors)
-        entries: dict[bytes, frozenset[Dot]] = {}
-        seen: set[tuple[str, int]] = set()
+        entries: dict[bytes, frozenset[_Pair]] = {}
+        seen: set[_Pair] = set()
         previous = b""
         for item in expect_list(entries_obj, type_name, "entries"):
             if type(item) is not list or len(item) != 2:
@@ -326,7 +330,7 @@ class ORSet:
         """Raise ``InvalidInput`` (code ``malformed_state``) unless the state is well-formed."""
         self._clock.check_invariants()
         clock = self._clock._counters
-        seen: set[Dot] = set()
+        seen: set[_Pair] = set()
         total = 0
         for element, dots in self._entries.items():
             if not isinstance(element, bytes) or len(element) != ELEMENT_SIZE:

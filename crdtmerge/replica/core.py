@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..canonical import domain_hash
 from ..crdt.clock import make_actor, next_epoch, parse_actor
@@ -58,6 +59,7 @@ from .events import (
     ObjectStored,
     RemoveContribution,
     RemoveTrustedKey,
+    RequestId,
     SendFailed,
     SetRecipe,
     Tick,
@@ -190,18 +192,18 @@ class Replica:
     # -- local writes -----------------------------------------------------------------------
 
     def _local(
-        self, merge: str, request_id: object, op: Callable[[MergeDocument], MergeDocument]
+        self, merge: str, request_id: RequestId, op: Callable[[MergeDocument], MergeDocument]
     ) -> list[Effect]:
         before = self.state.get(merge)
         after = op(before)
         if after is before:
-            return [Ack(request_id, merge, False, before.digest())]  # type: ignore[arg-type]
+            return [Ack(request_id, merge, False, before.digest())]
         self.state = self.state.with_document(merge, after)
         self._lamport = max(self._lamport, after.recipe.counter)
         self._count("local_writes")
         effects: list[Effect] = [
             Persist(((merge, after.to_bytes()),)),
-            Ack(request_id, merge, True, after.digest()),  # type: ignore[arg-type]
+            Ack(request_id, merge, True, after.digest()),
         ]
         effects += self._after_change([merge])
         if self.config.notify_changes:
@@ -409,7 +411,8 @@ class Replica:
         """Digest, live and missing roots, and agreement with the peers heard from."""
         doc = self.state.get(merge)
         digest = doc.digest()
-        agreeing, differing = [], []
+        agreeing: list[str] = []
+        differing: list[str] = []
         for peer, view in sorted(self._peer_views.items()):
             theirs = view.get(merge)
             their_digest = theirs.digest if theirs is not None else _BOTTOM.digest()
@@ -442,7 +445,9 @@ class Replica:
         if self.replica_id in self.peers:
             raise AssertionError("a replica is its own peer")
 
-    _HANDLERS: dict[type, Callable[[Replica, Event], list[Effect]]] = {
+    # each handler takes the event type it is keyed by (a Callable over all of Event would
+    # wrongly claim each accepts every event)
+    _HANDLERS: dict[type, Callable[[Replica, Any], list[Effect]]] = {
         SetRecipe: _on_set_recipe,
         AddContribution: _on_add,
         RemoveContribution: _on_remove,
@@ -453,4 +458,4 @@ class Replica:
         SendFailed: _on_send_failed,
         ObjectsPresent: _on_objects_present,
         ObjectStored: _on_object_stored,
-    }  # type: ignore[dict-item]
+    }

@@ -307,8 +307,14 @@ def rowgram64(
     for r in range(rows):
         parts: list[list[float]] = [[] for _ in pairs]
         for s in range(0, width, _CHUNK):
+
+            def load_piece(
+                r0: int, r1: int, c0: int, c1: int, r: int = r, s: int = s
+            ) -> Sequence[torch.Tensor]:
+                return load(r + r0, r + r1, s + c0, s + c1)
+
             piece = _narrow_gram(
-                lambda r0, r1, c0, c1, r=r, s=s: load(r + r0, r + r1, s + c0, s + c1),
+                load_piece,
                 n_ops,
                 pairs,
                 1,

@@ -789,6 +789,7 @@ def _disjoint_merge(
         if minus is not None:
             wd.view(torch.int32).bitwise_xor_(minus)
         else:
+            assert majority is not None  # elected above whenever minus is None
             wd.mul_(majority)
         wd.clamp_(min=0.0)
         if normalize:
@@ -803,6 +804,7 @@ def _disjoint_merge(
     if minus is not None:
         mixed.view(torch.int32).bitwise_xor_(minus)
     else:
+        assert majority is not None
         mixed *= majority
     if divisor is not None:
         if unit:

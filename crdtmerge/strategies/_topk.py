@@ -314,12 +314,12 @@ def chunked_cuts(
                     mags[j] = mag_bits(values[j])
                 c.add(mags[j])
     cuts = []
-    for c, (j, k) in zip(counts, wanted, strict=True):
+    for count, (j, k) in zip(counts, wanted, strict=True):
 
         def one(a: int, b: int, j: int = j) -> torch.Tensor:
             return chunks(a, b)[j]
 
-        found = c.result(k) if c is not None else None
+        found = count.result(k) if count is not None else None
         cuts.append(_tie_break(one, n, k, found))
     return cuts
 

@@ -155,10 +155,13 @@ def drop_pruner(
     """Every contribution's :class:`Drop` (``make_drop(task, i, n, delta_at)``, decided up
     front over chunks of ``x_i - b``), as the ``prune`` of
     :func:`._sparsify.combine_task_vectors`."""
-    drops = [
-        make_drop(task, i, n, lambda a, b, i=i: input_at(i, a, b) - base_at(a, b))
-        for i in range(len(task.model_params))
-    ]
+    drops = []
+    for i in range(len(task.model_params)):
+
+        def delta_at(a: int, b: int, i: int = i) -> torch.Tensor:
+            return input_at(i, a, b) - base_at(a, b)
+
+        drops.append(make_drop(task, i, n, delta_at))
     return lambda i, d, start: drops[i].apply(d, start)
 
 

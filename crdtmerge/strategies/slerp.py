@@ -178,6 +178,7 @@ def _slerp_stored(task: TensorTask) -> torch.Tensor:
     written in the output dtype. Other cases take the whole-tensor path."""
     st = task.stored
     assert st is not None
+    keys: tuple[int | None, int]
     if st.base is not None and len(st.inputs) == 1:
         ends, keys = (st.base, st.inputs[0]), (None, 0)
     elif st.base is None and len(st.inputs) == 2:

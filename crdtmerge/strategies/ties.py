@@ -66,6 +66,7 @@ def _rescale(task: TensorTask) -> str | None:
 
 def _prune_magnitude(task: TensorTask, i: int, delta: torch.Tensor) -> torch.Tensor:
     density = float(task.model_params[i]["density"])
+    mask: sp.Keep
     if task.params.get("trim_scope", "tensor") == "model":
         if task.stats is None:
             raise InvalidRecipe(
@@ -115,6 +116,8 @@ def ties_stored(task: TensorTask) -> torch.Tensor:
     """:func:`ties` from the stored inputs (e.g. bfloat16), each chunk upcast on the way."""
     st = task.stored
     assert st is not None
+    # TIES needs a base: the engine takes this path only when the plan has one
+    assert st.base is not None
     return _ties_chunked(
         task, st.shape, st.base, st.base_at, st.input_at, st.sample, out_dtype=st.out_dtype
     )

@@ -203,11 +203,14 @@ class ChunkReader:
         self._fd: int | None = os.open(store.path(root), os.O_RDONLY)
 
     def __iter__(self) -> Iterator[bytes]:
+        fd = self._fd
+        if fd is None:  # read once: iterating closes the file
+            raise StorageError(f"the chunk reader of object {self.root.hex()[:12]} is closed")
         try:
             for pos, n in self.spans:
                 end = pos + n
                 while pos < end:
-                    piece = os.pread(self._fd, min(PIECE_BYTES, end - pos), pos)
+                    piece = os.pread(fd, min(PIECE_BYTES, end - pos), pos)
                     if not piece:
                         raise StorageError(
                             f"object {self.root.hex()[:12]} is shorter than its manifest"

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from crdtmerge.errors import StorageError
 from crdtmerge.store import ObjectStore, hash_file
-from node.routes.replication import read_chunks
+from node.routes.replication import ChunkReader, read_chunks
 from node.transfer import ObjectFetcher, PeerScores, plan_batches
 
 
@@ -65,6 +66,17 @@ class Peers:
 def source(tmp_path):
     store = ObjectStore.at(tmp_path / "src")
     return store, _make_object(store, tmp_path)
+
+
+def test_chunk_reader_is_read_once(source):
+    """Iterating closes the file: a second pass is a clear StorageError (it once called
+    ``os.pread(None, ...)``, a TypeError)."""
+    store, root = source
+    refs = [("small.0", 0), ("big", 1)]
+    reader = ChunkReader(store, root, refs)
+    assert b"".join(reader) == read_chunks(store, root, refs)
+    with pytest.raises(StorageError, match="closed"):
+        list(reader)
 
 
 def _fetcher(dest: ObjectStore, net: Peers, hosts: list[str], **kw) -> ObjectFetcher:
