@@ -386,6 +386,29 @@ def bench(names: list[str], repeat: int, on_row=None) -> list[dict]:
     return results
 
 
+def _pairs(row: dict) -> str:
+    """mergekit run / crdtmerge run for each alternating pair, in run order."""
+    pairs = zip(row["mergekit_walls_s"], row["ours_walls_s"], strict=True)
+    return ", ".join(f"{mk / us:.2f}" for mk, us in pairs)
+
+
+def cpu_kind() -> str:
+    """The CPU model, its widest x86 vector extension and the core count (ratios move between
+    CPUs: BLAKE3 and numpy's sort use AVX-512 where they find it)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {simd}, {os.cpu_count()} CPUs"
+
+
 def render(results: list[dict], repeat: int, startup: dict) -> str:
     have_mk = any("mergekit_wall_s" in r for r in results)
     lines = [
@@ -406,20 +429,22 @@ def render(results: list[dict], repeat: int, startup: dict) -> str:
         "(includes hashing every input and the output). The tools alternate run by run "
         "(mergekit, crdtmerge, mergekit, ...), so a slow spell of the machine hits both. Wall = "
         "min over runs (every run's wall is in `bench/out/merge_bench.json`), including process "
-        "start-up (mergekit 6-11 s of imports here); CPU = the child's user + system time (less "
+        "start-up (see the start-up line below); CPU = the child's user + system time (less "
         "sensitive than wall time to other load on the machine); peak RSS = the child's "
         "`ru_maxrss`, taken by a ~10 MB launcher process that spawns it (a child forked from "
         "the benchmark itself reports the benchmark's own peak RSS when that is larger). Inputs warm in the page cache, `os.sync()` before each child (no run "
         "pays for the previous one's write-back); 2 cores. "
-        f"Load average at the start of this run: {startup.get('load', '?')}.",
+        f"Load average at the start of this run: {startup.get('load', '?')}. "
+        f"Machine: {startup.get('machine', '?')}.",
         "",
     ]
     if have_mk:
         lines += [
             "| method | mergekit wall (s) | crdtmerge wall (s) | speed-up (wall) | mergekit CPU "
             "(s) | crdtmerge CPU (s) | speed-up (CPU) | mergekit peak RSS (MiB) | crdtmerge "
-            "peak RSS (MiB) | RSS ratio | max abs diff vs mergekit |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "peak RSS (MiB) | RSS ratio | speed-up per alternating pair | max abs diff vs "
+            "mergekit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
             if r["method"] in RANDOM:
@@ -432,7 +457,7 @@ def render(results: list[dict], repeat: int, startup: dict) -> str:
                 f"| {r['method']} | {r['mergekit_wall_s']:.1f} | {r['ours_wall_s']:.1f} | "
                 f"{r['speedup']:.1f}x | {r['mergekit_cpu_s']:.1f} | {r['ours_cpu_s']:.1f} | "
                 f"{r['cpu_ratio']:.1f}x | {r['mergekit_rss_mib']:.0f} | {r['ours_rss_mib']:.0f} | "
-                f"{r['rss_ratio']:.2f} | {diff} |"
+                f"{r['rss_ratio']:.2f} | {_pairs(r)} | {diff} |"
             )
     else:
         lines += [
@@ -493,7 +518,10 @@ def main() -> int:
     t0 = time.monotonic()
     make_models()
     print(f"models ready in {time.monotonic() - t0:.1f}s", flush=True)
-    startup: dict = {"load": " / ".join(f"{x:.1f}" for x in os.getloadavg())}
+    startup: dict = {
+        "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "machine": cpu_kind(),
+    }
     w, r, _, _ = run_child([*OURS, "--help"])
     startup.update(ours_help_s=w, ours_help_rss_mib=r / 2**20)
     if MERGEKIT.exists():
@@ -510,11 +538,11 @@ def main() -> int:
             check=False,
         )
         startup["mergekit_version"] = ver.stdout.strip() or "?"
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    host = {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_kind()}
 
     def save(results: list[dict]) -> None:
         # after every method: a slow run that is cut short still leaves its numbers
-        report = {"machine": machine, "startup": startup, "results": results}
+        report = {"machine": host, "startup": startup, "results": results}
         (OUT / "merge_bench.json").write_text(json.dumps(report, indent=2))
         if not args.no_docs:
             write_docs(render(results, args.repeat, startup))
