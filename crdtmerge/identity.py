@@ -59,7 +59,8 @@ from .errors import (
     NotFound,
     UnsupportedVersion,
 )
-from .tensors import TensorInfo, TensorSource, _short, open_tensors
+from .tensors import TensorInfo, TensorSource, open_tensors
+from .tensors.format import _short
 
 __all__ = [
     "CHUNK_SIZE",

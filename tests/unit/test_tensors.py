@@ -467,7 +467,7 @@ def _rss_file_kib() -> int:
 def test_release_pages_drops_resident_pages_and_keeps_the_values(tmp_path: Path) -> None:
     import gc
 
-    from crdtmerge import tensors as tensors_module
+    from crdtmerge.tensors import reader as tensors_module
     from crdtmerge.tensors import release_pages
 
     values = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
@@ -510,7 +510,7 @@ def test_long_writes_sync_early_and_an_early_sync_error_fails_the_commit(
 ) -> None:
     """Every few MiB written a background fdatasync starts (so the final fsync has little
     left); if one fails, close raises that error and nothing appears under the final name."""
-    from crdtmerge import tensors as tensors_module
+    from crdtmerge.tensors import writer as tensors_module
 
     monkeypatch.setattr(tensors_module, "_EARLY_SYNC_BYTES", 1 << 16)
     synced: list[int] = []
