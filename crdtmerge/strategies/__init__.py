@@ -21,6 +21,7 @@ from . import (
     magmax,
     model_stock,
     nearswap,
+    passthrough,
     pcb,
     ram,
     regmean,
@@ -61,6 +62,7 @@ _FAMILIES = (
     fisher,
     regmean,
     expo,
+    passthrough,
 )
 
 REGISTRY: dict[tuple[str, int], StrategySpec] = {}
