@@ -25,7 +25,7 @@ from .errors import InvalidInput
 __all__ = ["canonical_pack", "canonical_unpack", "domain_hash"]
 
 
-class _Map(list):
+class _Map(list[tuple[str | bytes, Any]]):
     """A normalised mapping: a list of (key, value) pairs, encoded as a msgpack map."""
 
 

@@ -21,10 +21,10 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar, cast
 
 import httpx
 
@@ -35,6 +35,8 @@ from .recipe import Recipe
 __all__ = ["Client", "NodeUnavailable", "PushResult"]
 
 _CHUNK = 1 << 20
+
+_T = TypeVar("_T")
 
 #: error code -> exception class, for errors answered by a node
 _ERROR_CLASSES: dict[str, type[CrdtMergeError]] = {}
@@ -141,18 +143,20 @@ class Client:
     def set_recipe(self, merge: str, recipe: Recipe | Mapping[str, Any]) -> dict[str, Any]:
         """Create or replace ``merge``'s recipe; returns the merge status."""
         body = recipe.to_json() if isinstance(recipe, Recipe) else dict(recipe)
-        return self._request("PUT", f"/v1/merges/{merge}/recipe", json=body).json()
+        return cast(
+            "dict[str, Any]", self._request("PUT", f"/v1/merges/{merge}/recipe", json=body).json()
+        )
 
     def status(self, merge: str) -> dict[str, Any]:
         """The merge status: recipe, digest, contributions, missing, merged_hash, state."""
-        return self._request("GET", f"/v1/merges/{merge}").json()
+        return cast("dict[str, Any]", self._request("GET", f"/v1/merges/{merge}").json())
 
     def merges(self) -> list[str]:
-        return self._request("GET", "/v1/merges").json()["merges"]
+        return cast("list[str]", self._request("GET", "/v1/merges").json()["merges"])
 
     def contributions(self, merge: str) -> list[dict[str, Any]]:
         resp = self._request("GET", f"/v1/merges/{merge}/contributions")
-        return resp.json()["contributions"]
+        return cast("list[dict[str, Any]]", resp.json()["contributions"])
 
     def push(
         self,
@@ -171,15 +175,23 @@ class Client:
 
     def trust_key(self, merge: str, key: str) -> dict[str, Any]:
         """Trust an Ed25519 public key (64 hex) to sign contributions to ``merge`` (admin)."""
-        return self._request("PUT", f"/v1/merges/{merge}/trusted-keys/{key}").json()
+        return cast(
+            "dict[str, Any]", self._request("PUT", f"/v1/merges/{merge}/trusted-keys/{key}").json()
+        )
 
     def untrust_key(self, merge: str, key: str) -> dict[str, Any]:
         """Stop trusting a signing key (admin)."""
-        return self._request("DELETE", f"/v1/merges/{merge}/trusted-keys/{key}").json()
+        return cast(
+            "dict[str, Any]",
+            self._request("DELETE", f"/v1/merges/{merge}/trusted-keys/{key}").json(),
+        )
 
     def remove(self, merge: str, root: str) -> dict[str, Any]:
         """Remove a live contribution (observed-remove)."""
-        return self._request("DELETE", f"/v1/merges/{merge}/contributions/{root}").json()
+        return cast(
+            "dict[str, Any]",
+            self._request("DELETE", f"/v1/merges/{merge}/contributions/{root}").json(),
+        )
 
     def download_merged(
         self, merge: str, out: str | os.PathLike[str], *, progress: Progress | None = None
@@ -200,7 +212,7 @@ class Client:
         return self._upload("/v1/objects", data, size, progress)
 
     def object_info(self, root: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/objects/{root}/info").json()
+        return cast("dict[str, Any]", self._request("GET", f"/v1/objects/{root}/info").json())
 
     def download_object(
         self, root: str, out: str | os.PathLike[str], *, progress: Progress | None = None
@@ -208,7 +220,7 @@ class Client:
         return self._download(f"/v1/objects/{root}", Path(out), progress)
 
     def health(self) -> dict[str, Any]:
-        return self._request("GET", "/readyz").json()
+        return cast("dict[str, Any]", self._request("GET", "/readyz").json())
 
     # -- transfers --------------------------------------------------------------------------
 
@@ -249,7 +261,7 @@ class Client:
                 if resp.status_code >= 400:
                     resp.read()
                     _raise_for_error(resp)
-                root = resp.headers.get("x-crdtmerge-root", "")
+                root: str = resp.headers.get("x-crdtmerge-root", "")
                 expected = resp.headers.get("content-length")
                 n = 0
                 # no content coding on object bytes: skip httpx's decoder/re-chunker (2x faster)
@@ -288,7 +300,7 @@ class _BlockingTransport(httpx.BaseTransport):
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="client-asgi", daemon=True).start()
 
-    def _run(self, coro: Any) -> Any:
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         import asyncio
 
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

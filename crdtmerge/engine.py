@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 # Large CPU tensors on transparent huge pages: torch reads this once, at its first CPU
 # allocation, and then madvises big buffers MADV_HUGEPAGE. Every merge allocates and frees
@@ -416,7 +416,7 @@ class _Runner:
 
     def _merge_one(self, tp: TensorPlan, stats: Any) -> torch.Tensor:
         if not tp.merged:
-            src = (
+            src: TensorSource = (
                 self.plan.base if self.plan.base is not None else self.plan.contributions[0].source
             )
             return src.tensor(tp.name)
@@ -503,7 +503,13 @@ class _LazyInputs(Sequence[torch.Tensor]):
             self._cache[i] = weakref.ref(t)
         return t
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> _LazyInputs: ...
+
+    def __getitem__(self, index: int | slice) -> torch.Tensor | _LazyInputs:
         if isinstance(index, slice):
             view = _LazyInputs(self._items, self._load, self._indices[index])
             view._cache = self._cache

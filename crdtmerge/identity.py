@@ -44,7 +44,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import blake3
 
@@ -134,7 +134,7 @@ def normalise_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         InvalidInput: nesting deeper than :data:`MAX_METADATA_DEPTH`.
     """
     _check_depth(metadata)
-    return _integral_as_int(dict(metadata))
+    return cast("dict[str, Any]", _integral_as_int(dict(metadata)))
 
 
 def _integral_as_int(value: Any) -> Any:

@@ -16,7 +16,7 @@ parameter names, types, ranges, base presence) before any tensor is read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,7 +190,7 @@ class _FrozenParams(Mapping[str, Any]):
                 return _thaw(v)
         raise KeyError(key)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return (k for k, _ in self._items)
 
     def __len__(self) -> int:

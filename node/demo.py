@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -196,7 +197,7 @@ class NodeView:
     first_seen: dict[tuple[str | None, str | None], float] = field(default_factory=dict)
 
 
-def _status(url: str, token: str | None) -> dict:
+def _status(url: str, token: str | None) -> dict[str, Any]:
     with Client(url, token=token, timeout=5) as c:
         return c.status(MERGE)
 
@@ -228,7 +229,7 @@ def poll_converged(
         time.sleep(0.1)  # poll interval
 
 
-def print_table(views: Sequence[NodeView], names: Sequence[str], out=sys.stdout) -> None:
+def print_table(views: Sequence[NodeView], names: Sequence[str], out: IO[str] = sys.stdout) -> None:
     print(f"{'node':<6} {'digest':<18} {'merged hash':<18} {'converged after':>15}", file=out)
     for name, v in zip(names, views, strict=True):
         seconds = v.first_seen.get((v.digest, v.merged))

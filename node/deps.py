@@ -26,11 +26,13 @@ CLUSTER_HEADER = "x-crdtmerge-cluster"
 
 
 def get_runtime(request: Request) -> NodeRuntime:
-    return request.app.state.runtime
+    runtime: NodeRuntime = request.app.state.runtime
+    return runtime
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 NodeDep = Annotated[NodeRuntime, Depends(get_runtime)]

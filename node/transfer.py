@@ -111,7 +111,9 @@ class _PeerState:
 class PeerScores:
     """Per-peer transfer health: backoff after failures, penalty after bad bytes."""
 
-    def __init__(self, *, penalty_s: float = 30.0, backoff_s: float = 0.5, max_backoff_s=10.0):
+    def __init__(
+        self, *, penalty_s: float = 30.0, backoff_s: float = 0.5, max_backoff_s: float = 10.0
+    ) -> None:
         self.penalty_s = penalty_s
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s

@@ -21,7 +21,7 @@ from typing import Any
 __all__ = ["register"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "laws",
         help="show which CRDT laws a raw strategy breaks and that the two-layer form keeps",

@@ -45,7 +45,7 @@ _DTYPE_ALIASES = {
 _TAG_ALONG = ("config.json", "generation_config.json")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "merge",
         help="merge local checkpoints into one canonical object",

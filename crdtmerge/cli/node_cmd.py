@@ -12,7 +12,7 @@ import argparse
 __all__ = ["add_arguments", "register", "run"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "node",
         help="run a replica node (REST API, storage, merge worker)",

@@ -27,7 +27,7 @@ __all__ = ["canonical_stream", "register"]
 _ROOT_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def common(p: argparse.ArgumentParser, merge: bool = True) -> None:
         p.add_argument("url", metavar="URL", help="the node, e.g. http://127.0.0.1:8470")
         if merge:

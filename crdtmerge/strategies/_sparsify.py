@@ -449,7 +449,8 @@ def _misordered(m: np.ndarray, order: np.ndarray, rows: np.ndarray) -> np.ndarra
     cols = m.shape[1]
     at = order[rows] + (np.arange(rows.size, dtype=np.int64) * cols)[:, None]
     seen = m[rows].reshape(-1)[at]
-    return rows[(seen[:, 1:] < seen[:, :-1]).any(axis=1)]
+    out: np.ndarray = rows[(seen[:, 1:] < seen[:, :-1]).any(axis=1)]
+    return out
 
 
 @functools.lru_cache(maxsize=8)

@@ -102,6 +102,7 @@ def regmean_solve(
         sum_gw = gw if sum_gw is None else sum_gw + gw
     if sum_g is None or sum_gw is None:
         raise InvalidRecipe("regmean: no contributions")
+    sol: torch.Tensor  # torch.linalg is untyped
     sol, info = torch.linalg.solve_ex(sum_g, sum_gw)
     if int(info.item()) != 0 or not bool(torch.isfinite(sol).all()):
         sol = torch.linalg.pinv(sum_g, hermitian=True) @ sum_gw

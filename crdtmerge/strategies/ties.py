@@ -214,7 +214,8 @@ def reduce_thresholds(
 
 
 def model_scope_requested(params: Mapping[str, Any]) -> bool:
-    return params.get("trim_scope", "tensor") == "model"
+    scope: str = params.get("trim_scope", "tensor")
+    return scope == "model"
 
 
 DENSITY = ParamSpec(

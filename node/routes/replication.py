@@ -90,6 +90,7 @@ async def cluster_peer(request: Request) -> str:
     """
     rep = _replication(request)
     body = await _read_body(request)
+    node: str  # rep is untyped (Any): RequestVerifier.verify gives (node id, nonce)
     node, nonce = rep.verifier.verify(
         request.method, request_target(request.scope), body, request.headers
     )
@@ -104,7 +105,9 @@ ClusterPeer = Annotated[str, Depends(cluster_peer)]
 router = APIRouter(prefix="/replication", tags=["replication"], include_in_schema=True)
 
 
-def signed(request: Request, content: bytes, *, status: int = 200, media_type: str = MSGPACK):
+def signed(
+    request: Request, content: bytes, *, status: int = 200, media_type: str = MSGPACK
+) -> Response:
     """An answer carrying the response MAC bound to the request's nonce."""
     rep = _replication(request)
     mac = rep.key.response_mac(request.state.cluster_nonce, status, content)
