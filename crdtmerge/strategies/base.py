@@ -160,6 +160,7 @@ class Stored:
     _marks: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
     _checked: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
     _scratch: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _base_samples: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def check(self, i: int | None) -> None:
         """Check all of input ``i`` (None: the base) for NaN/Inf, unless a pass already has."""
@@ -183,11 +184,20 @@ class Stored:
         return self._read(i, self.inputs[i], start, stop)
 
     def sample(self, i: int | None, step: int) -> torch.Tensor:
-        """Elements ``0, step, 2 step, ...`` of input ``i`` (None: the base), compute dtype."""
+        """Elements ``0, step, 2 step, ...`` of input ``i`` (None: the base), compute dtype.
+
+        The base's sample is taken once per ``step`` and shared by the callers (each task
+        vector's sample subtracts it): use it without modifying it. A strided read touches
+        every page of the input, so it is not repeated.
+        """
+        if i is None and step in self._base_samples:
+            return self._base_samples[step]
         key, t = self._source(i)
         out = t[::step].to(self.dtype, copy=True)
         release_pages(t, 0, t.numel())
         self._check_values(key, out)
+        if i is None:
+            self._base_samples[step] = out
         return out
 
     def tile(

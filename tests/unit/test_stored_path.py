@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from crdtmerge.errors import InvalidRecipe
+from crdtmerge.errors import InvalidInput, InvalidRecipe
 from crdtmerge.strategies import _detmath as dm
 from crdtmerge.strategies import _topk
 from crdtmerge.strategies.base import Stored
@@ -197,3 +197,20 @@ def test_stored_slerp_equals_the_upcast_path(out_dtype: torch.dtype) -> None:
     near = _inputs(rng, (40,), 0, 1)
     near[1] = (near[0].float() * 1.0001).to(near[1].dtype)  # |cos| > 0.9995: the lerp branch
     exact(*_both("slerp", near, {"t": 0.25}, None, out_dtype))
+
+
+def test_the_base_sample_is_read_once_and_shared() -> None:
+    """Every task vector's sample subtracts the base's: the strided read of the base (which
+    touches all its pages) is taken once per step, and a bad value in it is still refused."""
+    base = torch.arange(40, dtype=torch.float32).to(torch.bfloat16)
+    x = base + 1
+    st = Stored(base, [x, x], (40,), torch.float32, torch.float32)
+    first = st.sample(None, 7)
+    assert torch.equal(first, base[::7].float())
+    assert st.sample(None, 7) is first  # shared, not read again
+    assert st.sample(None, 3) is not first and torch.equal(st.sample(None, 3), base[::3].float())
+    assert st.sample(0, 7) is not st.sample(0, 7)  # inputs' samples are not kept
+    bad = base.clone()
+    bad[14] = float("nan")
+    with pytest.raises(InvalidInput, match="in the base contains NaN or Inf"):
+        Stored(bad, [x], (40,), torch.float32, torch.float32).sample(None, 7)
