@@ -518,10 +518,8 @@ def main() -> int:
     t0 = time.monotonic()
     make_models()
     print(f"models ready in {time.monotonic() - t0:.1f}s", flush=True)
-    startup: dict = {
-        "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "machine": cpu_kind(),
-    }
+    cpu = cpu_kind()
+    startup: dict = {"load": " / ".join(f"{x:.1f}" for x in os.getloadavg()), "machine": cpu}
     w, r, _, _ = run_child([*OURS, "--help"])
     startup.update(ours_help_s=w, ours_help_rss_mib=r / 2**20)
     if MERGEKIT.exists():
@@ -538,7 +536,7 @@ def main() -> int:
             check=False,
         )
         startup["mergekit_version"] = ver.stdout.strip() or "?"
-    host = {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_kind()}
+    host = {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu}
 
     def save(results: list[dict]) -> None:
         # after every method: a slow run that is cut short still leaves its numbers
