@@ -18,6 +18,7 @@ one: ``CRDTMERGE_REGEN_VECTORS=1 .venv/bin/python -m pytest tests/unit/test_stra
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -48,10 +49,7 @@ _GEN = CounterRNG(b"crdtmerge/tests/strategy-vectors".ljust(32, b"\0"))
 
 
 def _noise(shape: tuple[int, ...], stream: str) -> torch.Tensor:
-    n = 1
-    for d in shape:
-        n *= d
-    u = _GEN.uniform(n, stream.encode().ljust(32, b"\0")[:32])
+    u = _GEN.uniform(math.prod(shape), stream.encode().ljust(32, b"\0")[:32])
     return ((u - 0.5) * 2.0).reshape(shape)
 
 
